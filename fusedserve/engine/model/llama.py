@@ -1,0 +1,91 @@
+"""Our Llama-family decoder for inference: reads the engine's KV cache slots, computes logits only where asked.
+
+It never decides what runs (the scheduler does) and never allocates KV memory (the KV cache does). Linear layers
+come in through `kernels.linear.Linear`, so LaRoSA's sparse layers replace dense ones without touching this file;
+LaRoSA's residual adapters (one d x d matrix per layer) are applied to the residual stream before their layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fusedserve.engine.model.arch import LlamaArch
+from fusedserve.engine.model.rope import RotaryEmbedding
+from fusedserve.kernels.attention import SlotBatch, attend, write_kv
+from fusedserve.kernels.linear import Linear
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normed if weight is None else normed * weight
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor | None  # None when the scale is folded into the following linears (LaRoSA)
+    post_attention_norm: torch.Tensor | None
+    qkv_proj: Linear  # q, k and v stacked along the output dimension: one matrix multiply
+    o_proj: Linear
+    gate_up_proj: Linear  # gate and up stacked
+    down_proj: Linear
+    residual_adapter: torch.Tensor | None = None  # [d, d]: h <- h @ A before this layer (LaRoSA)
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        arch: LlamaArch,
+        embed_tokens: torch.Tensor,
+        layers: list[DecoderLayer],
+        final_norm: torch.Tensor | None,
+        lm_head: Linear,
+        max_positions: int,
+    ) -> None:
+        self.arch = arch
+        self.embed_tokens = embed_tokens
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.rope = RotaryEmbedding(arch, max_positions, embed_tokens.dtype)
+        self.scale = arch.head_dim**-0.5
+        self._q_size = arch.num_heads * arch.head_dim
+        self._kv_size = arch.num_kv_heads * arch.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        batch: SlotBatch,
+        key_caches: list[torch.Tensor],
+        value_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Hidden states [T, d] after the final norm, for the flat batch of new tokens described by `batch`."""
+        arch = self.arch
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rope.tables(batch.position_of_token)
+        for layer, key_cache, value_cache in zip(self.layers, key_caches, value_caches, strict=True):
+            if layer.residual_adapter is not None:
+                hidden = hidden @ layer.residual_adapter
+            x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
+            q, k, v = layer.qkv_proj(x).split([self._q_size, self._kv_size, self._kv_size], dim=-1)
+            q = RotaryEmbedding.apply(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
+            k = RotaryEmbedding.apply(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
+            write_kv(key_cache, value_cache, k, v.view(-1, arch.num_kv_heads, arch.head_dim), batch)
+            attn = attend(q, key_cache, value_cache, batch, self.scale)
+            hidden = hidden + layer.o_proj(attn)
+            x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
+            gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)
+            hidden = hidden + layer.down_proj(F.silu(gate) * up)
+        return rms_norm(hidden, self.final_norm, arch.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [S, vocab] for the rows of `hidden` that will be sampled."""
+        return self.lm_head(hidden).float()

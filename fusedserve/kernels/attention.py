@@ -1,0 +1,93 @@
+"""Attention over the vAttention KV layout: one entry point, a backend per device.
+
+Each sequence owns one slot of the per-layer caches [max_num_seqs, max_model_len, kv_heads, head_dim]. The
+kernels read only `cache[slot, :context_len]` — never past a slot's length, because a demand-paged backend leaves
+that memory unmapped (on a CPU, reading it is a SIGSEGV, not an exception). No block tables exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SlotBatch:
+    """Where each sequence's new tokens sit in the flat batch and in the cache.
+
+    Sequence i contributes tokens [token_starts[i], token_starts[i] + query_lens[i]) of the flat batch; their
+    positions are [context_lens[i] - query_lens[i], context_lens[i]) in slot slots[i].
+    """
+
+    slots: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    token_starts: list[int]
+    slot_of_token: torch.Tensor  # [T] long: the slot each flat token writes to
+    position_of_token: torch.Tensor  # [T] long: its position in that slot
+
+    @classmethod
+    def build(cls, slots: list[int], query_lens: list[int], context_lens: list[int]) -> SlotBatch:
+        token_starts, slot_of_token, position_of_token, offset = [], [], [], 0
+        for slot, q_len, ctx_len in zip(slots, query_lens, context_lens, strict=True):
+            token_starts.append(offset)
+            slot_of_token.extend([slot] * q_len)
+            position_of_token.extend(range(ctx_len - q_len, ctx_len))
+            offset += q_len
+        return cls(
+            slots=slots,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            token_starts=token_starts,
+            slot_of_token=torch.tensor(slot_of_token, dtype=torch.long),
+            position_of_token=torch.tensor(position_of_token, dtype=torch.long),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+
+def write_kv(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: SlotBatch
+) -> None:
+    """Store the new tokens' K/V ([T, kv_heads, head_dim]) at their (slot, position)."""
+    index = (batch.slot_of_token, batch.position_of_token)
+    key_cache.index_put_(index, k.to(key_cache.dtype))
+    value_cache.index_put_(index, v.to(value_cache.dtype))
+
+
+def attend(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: SlotBatch, scale: float
+) -> torch.Tensor:
+    """Causal attention of q [T, heads, head_dim] over each sequence's cached context; returns [T, heads*head_dim].
+
+    The new tokens' K/V must already be written (write_kv). Query token j of a sequence with q_len new tokens and
+    context_len cached tokens sees positions [0, context_len - q_len + j].
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype)
+    for slot, q_len, ctx_len, start in zip(
+        batch.slots, batch.query_lens, batch.context_lens, batch.token_starts, strict=True
+    ):
+        query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+        keys = key_cache[slot, :ctx_len].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, ctx, D]
+        values = value_cache[slot, :ctx_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
+        mask, causal = _causal_mask(q_len, ctx_len)
+        result = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
+        out[start : start + q_len] = result[0].transpose(0, 1)
+    return out.reshape(num_tokens, num_heads * head_dim)
+
+
+def _causal_mask(q_len: int, ctx_len: int) -> tuple[torch.Tensor | None, bool]:
+    if q_len == 1:
+        return None, False  # a single newest token sees the whole context
+    if q_len == ctx_len:
+        return None, True  # square, top-left aligned: SDPA's own causal mask
+    offset = ctx_len - q_len
+    rows = torch.arange(q_len).unsqueeze(1) + offset
+    return torch.arange(ctx_len).unsqueeze(0) <= rows, False

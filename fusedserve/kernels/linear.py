@@ -1,0 +1,41 @@
+"""Linear layers the model calls through one small interface: `y = layer(x)` with x [T, in] and y [T, out].
+
+The dense layer picks its compute dtype per call by the batch's token count: on this class of CPU a bf16 matrix
+multiply runs on AMX and is several times faster than fp32 once there are enough rows, while a bf16
+matrix-vector product (decode at small batch) is slower than fp32 — so small batches use the fp32 weights and
+large ones a bf16 copy. Sparse layers (LaRoSA) implement the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+# Rows at or above which the bf16 copy wins; measured by benchmarks/linear_dtypes.py on this machine.
+BF16_MIN_ROWS = 64
+
+
+class Linear(Protocol):
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseLinear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_min_rows: int | None = BF16_MIN_ROWS) -> None:
+        self.weight = weight.contiguous()
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        # A bf16 copy only helps fp32 CPU models; a bf16 model already computes in bf16.
+        use_copy = bf16_min_rows is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+        self._bf16_weight = self.weight.to(torch.bfloat16) if use_copy else None
+        self._bf16_bias = bias.to(torch.bfloat16) if (use_copy and bias is not None) else None
+        self._bf16_min_rows = bf16_min_rows or 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._bf16_weight is not None and x.shape[0] >= self._bf16_min_rows:
+            return F.linear(x.to(torch.bfloat16), self._bf16_weight, self._bf16_bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
