@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMAND_MODULES = [
     "fusedserve.server.cli",
+    "fusedserve.engine.gstack.cli",
 ]
 
 

@@ -40,7 +40,10 @@ class Request:
     slot: int | None = None  # the KV-cache row this request owns while running
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # The furthest prompt position ever computed, so recompute after preemption is not counted as new prompt.
+    num_prompt_tokens_seen: int = 0
     error: str | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
     # Timestamps (monotonic seconds) for metrics.
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
