@@ -1,7 +1,7 @@
 """`fusedserve gstack grow|train|experiment`: command-line entry points of the Gstack subpackage.
 
-Each handler parses nothing itself (argparse did), imports torch/transformers lazily, pins torch to the requested
-thread count, calls one function of grow.py / train.py / experiment.py and returns an exit code.
+Each handler parses nothing itself (argparse did), imports torch/transformers lazily, pins torch to the
+requested thread count, calls one function of grow.py / train.py / experiment.py and returns an exit code.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("gstack", help="Gstack model growth: grow, (continued) pre-train, experiment")
+    parser = subparsers.add_parser(
+        "gstack", help="Gstack model growth: grow, (continued) pre-train, experiment"
+    )
     commands = parser.add_subparsers(dest="gstack_command", required=True)
 
     grow = commands.add_parser("grow", help="stack a Llama folder's layers G times (G_stack operator)")
@@ -20,8 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     grow.add_argument("--out", type=Path, required=True, help="folder to write the grown model to")
     grow.set_defaults(handler=handle_grow)
 
-    train = commands.add_parser("train", help="pre-train / continue pre-training on the byte-level stdlib corpus")
-    train.add_argument("--model", type=Path, help="Llama folder to start from (omit: a fresh byte-level model)")
+    train = commands.add_parser(
+        "train", help="pre-train / continue pre-training on the byte-level stdlib corpus"
+    )
+    train.add_argument(
+        "--model", type=Path, help="Llama folder to start from (omit: a fresh byte-level model)"
+    )
     train.add_argument("--out", type=Path, required=True, help="output model folder (checkpoints live here)")
     budget = train.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="optimizer steps")
@@ -42,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_common(train)
     train.set_defaults(handler=handle_train)
 
-    experiment = commands.add_parser("experiment", help="Gstack vs scratch vs shallow at equal FLOPs (resumable)")
+    experiment = commands.add_parser(
+        "experiment", help="Gstack vs scratch vs shallow at equal FLOPs (resumable)"
+    )
     experiment.add_argument("--out", type=Path, default=Path("runs/gstack"), help="run folders (checkpoints)")
     experiment.add_argument("--results", type=Path, default=Path("docs/results/gstack.json"))
     experiment.add_argument("--budget-flops", type=float, default=2.2e13, help="FLOPs per compared run")
@@ -57,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-minutes", type=float, help="stop (checkpointed) after this long; re-run resumes")
+    parser.add_argument(
+        "--max-minutes", type=float, help="stop (checkpointed) after this long; re-run resumes"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -36,7 +36,9 @@ def stdlib_root() -> Path:
 
 def list_source_files(root: Path) -> list[Path]:
     """Every .py file under `root`, sorted, skipping installed third-party packages."""
-    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+    files = [
+        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts
+    ]
     return sorted(p for p in files if p.is_file())
 
 
@@ -70,8 +72,8 @@ def load_corpus(root: Path | None = None, per_mille: int = HELDOUT_PER_MILLE) ->
 class TokenStream:
     """Non-overlapping windows of seq_len + 1 tokens, reshuffled each epoch by a fixed seed.
 
-    Window k of the stream is a pure function of (tokens, seq_len, seed, k); batch `step` with `offset_windows`
-    holds windows offset_windows + step*batch_size ... + batch_size - 1.
+    Window k of the stream is a pure function of (tokens, seq_len, seed, k); batch `step` with
+    `offset_windows` holds windows offset_windows + step*batch_size ... + batch_size - 1.
     """
 
     tokens: np.ndarray

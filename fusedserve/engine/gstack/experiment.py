@@ -1,4 +1,4 @@
-"""The Gstack comparison at CPU scale: stacked growth vs the deep model from scratch vs the shallow model alone.
+"""The Gstack comparison at CPU scale: stacked growth vs the deep model from scratch vs the shallow model.
 
 Runs, all at the same total FLOPs budget C (6 x params x tokens; Gstack's base phase counted):
   small    the L-layer model trained on C
@@ -22,7 +22,12 @@ from pathlib import Path
 from fusedserve.engine.gstack.corpus import TokenStream, heldout_windows, load_corpus
 from fusedserve.engine.gstack.grow import grow_folder
 from fusedserve.engine.gstack.manifest import MANIFEST_NAME
-from fusedserve.engine.gstack.model_folder import ModelShape, count_parameters, create_random_model, load_model
+from fusedserve.engine.gstack.model_folder import (
+    ModelShape,
+    count_parameters,
+    create_random_model,
+    load_model,
+)
 from fusedserve.engine.gstack.report import compute_speedup, curve_json, plot_curves, read_curve
 from fusedserve.engine.gstack.train import TrainConfig, TrainOutcome, train
 
@@ -112,7 +117,9 @@ class Experiment:
 
     @property
     def base_tokens(self) -> int:
-        steps = steps_for(self.config.base_fraction * self.config.budget_flops, self.small_params, self.config)
+        steps = steps_for(
+            self.config.base_fraction * self.config.budget_flops, self.small_params, self.config
+        )
         return steps * self.config.batch_size * self.config.seq_len
 
     def plans(self) -> list[RunPlan]:
@@ -122,13 +129,20 @@ class Experiment:
         plans = [
             RunPlan("scratch", self.deep_init, steps_for(budget, self.deep_params, exp)),
             RunPlan("base", self.small_init, base_steps),
-            RunPlan("gstack", self.out / "grown", steps_for(budget - base_flops, self.deep_params, exp),
-                    offset_tokens=self.base_tokens),
+            RunPlan(
+                "gstack",
+                self.out / "grown",
+                steps_for(budget - base_flops, self.deep_params, exp),
+                offset_tokens=self.base_tokens,
+            ),
             RunPlan("small", self.small_init, steps_for(budget, self.small_params, exp)),
         ]
         if exp.long_factor > 0:
-            plans.append(RunPlan("scratch_long", self.deep_init,
-                                 steps_for(exp.long_factor * budget, self.deep_params, exp)))
+            plans.append(
+                RunPlan(
+                    "scratch_long", self.deep_init, steps_for(exp.long_factor * budget, self.deep_params, exp)
+                )
+            )
         return plans
 
     def run(self, max_minutes: float | None = None, progress: bool = True) -> bool:
@@ -141,7 +155,9 @@ class Experiment:
             if left is not None and left <= 0:
                 return False
             config = train_config(self.config, plan.steps, plan.offset_tokens)
-            plan.outcome = train(plan.init, self.out / plan.name, config, self.stream, self.heldout, left, progress)
+            plan.outcome = train(
+                plan.init, self.out / plan.name, config, self.stream, self.heldout, left, progress
+            )
             self.write_results()
             if not plan.outcome.finished:
                 return False
@@ -189,7 +205,8 @@ class Experiment:
         results_json.write_text(json.dumps(result, indent=2) + "\n")
         plotted = {k: v for k, v in curves.items() if v and k != "gstack_base_phase"}
         if plotted:
-            title = f"Gstack x{exp.factor} ({exp.base_layers}L -> {exp.base_layers * exp.factor}L, hidden {exp.hidden_size})"
+            deep = exp.base_layers * exp.factor
+            title = f"Gstack x{exp.factor} ({exp.base_layers}L -> {deep}L, hidden {exp.hidden_size})"
             stem = results_json.with_suffix("")
             plot_curves(plotted, stem.with_name(stem.name + ".png"), title, zoom=False)
             plot_curves(plotted, stem.with_name(stem.name + "_zoom.png"), title + ", zoomed", zoom=True)
@@ -206,7 +223,8 @@ class Experiment:
             "params_deep": self.deep_params,
             "base_tokens": self.base_tokens,
             "run_tokens": deep_tokens,
-            "scratch_tokens_per_non_embedding_param": deep_tokens["scratch"] / non_embedding(self.deep_params),
+            "scratch_tokens_per_non_embedding_param": deep_tokens["scratch"]
+            / non_embedding(self.deep_params),
             "flops_definition": "6 x all parameters (embeddings and LM head included) x training tokens",
         }
         return setup

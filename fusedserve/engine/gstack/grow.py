@@ -1,8 +1,9 @@
 """The G_stack growth operator (Du et al., 2024): stack a trained L-layer Llama G times into a G*L-layer one.
 
-Target layer r*L + i is an independent copy (cloned tensors) of base layer i; embeddings, final norm and LM head
-are copied once; width is unchanged; no noise, no rescaling. The target is built as a fresh LlamaForCausalLM so
-every per-layer index (self_attn.layer_idx, used by the KV cache) is right. This module never trains.
+Target layer r*L + i is an independent copy (cloned tensors) of base layer i; embeddings, final norm and LM
+head are copied once; width is unchanged; no noise, no rescaling. The target is built as a fresh
+LlamaForCausalLM so every per-layer index (self_attn.layer_idx, used by the KV cache) is right.
+This module never trains.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class GrowResult:
 def stack_state_dict(
     base_state: dict[str, torch.Tensor], base_layers: int, factor: int
 ) -> dict[str, torch.Tensor]:
-    """The G_stack map on a state dict: target layer r*L + i <- clone of base layer i, the rest cloned once."""
+    """G_stack on a state dict: target layer r*L + i <- clone of base layer i, the rest cloned once."""
     if factor < 1:
         raise ValueError(f"growth factor must be >= 1, got {factor}")
     target: dict[str, torch.Tensor] = {}
@@ -91,4 +92,6 @@ def grow_folder(base: Path, factor: int, out: Path) -> GrowResult:
     )
     save_model(target, out, manifest_for_growth(base_manifest, provenance))
     copy_tokenizer_files(base, out)
-    return GrowResult(out=out, base_layers=base_layers, target_layers=base_layers * factor, provenance=provenance)
+    return GrowResult(
+        out=out, base_layers=base_layers, target_layers=base_layers * factor, provenance=provenance
+    )

@@ -1,4 +1,4 @@
-"""Create, load and save the HF Llama model folders Gstack works on (config + safetensors + tokenizer + manifest).
+"""Create, load and save the HF Llama folders Gstack works on (config, safetensors, tokenizer, manifest).
 
 A folder written here loads with `AutoModelForCausalLM` / `AutoTokenizer` and is served as is. This module
 never trains and never changes weights; it only builds fresh random models and moves weights to and from disk.

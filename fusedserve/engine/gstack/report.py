@@ -2,8 +2,9 @@
 
 Speed-up (Du et al.): sp = F_scratch / F_gstack - 1, where F_gstack is Gstack's total FLOPs (base phase
 included) and F_scratch the FLOPs the from-scratch model needs to reach Gstack's final held-out loss, read off
-the scratch held-out curve(s) by linear interpolation between evaluations. If no scratch curve reaches that loss,
-sp is only a lower bound (longest scratch run's FLOPs / F_gstack - 1) and is flagged so. This module never trains.
+the scratch held-out curve(s) by linear interpolation between evaluations. If no scratch curve reaches that
+loss, sp is only a lower bound (longest scratch run's FLOPs / F_gstack - 1) and is flagged so.
+This module never trains.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Causal-LM pre-training (or continued pre-training) of a Llama model folder on a byte-level token stream.
 
-AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), gradient clipping at 1.0, linear warmup then cosine decay
-to 0.1x the peak; each call starts a fresh optimizer (so training a grown folder restarts warmup, as Gstack
-prescribes). Progress shows on tqdm; the run checkpoints to `out/train_state.pt` and, re-run with the same
-config, resumes from it; `out/train_log.jsonl` records loss against tokens and FLOPs (6 x params x tokens).
+AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), gradient clipping at 1.0, linear warmup then cosine
+decay to 0.1x the peak; each call starts a fresh optimizer (so training a grown folder restarts warmup, as
+Gstack prescribes). Progress shows on tqdm; the run checkpoints to `out/train_state.pt` and, re-run with the
+same config, resumes from it; `out/train_log.jsonl` records loss against tokens and FLOPs (6 x params x
+tokens).
 The trained model is written to `out` as a servable HF folder. This module never builds or grows models.
 """
 
@@ -20,7 +21,12 @@ import torch.nn.functional as F
 
 from fusedserve.engine.gstack.corpus import TokenStream
 from fusedserve.engine.gstack.manifest import manifest_after_training, read_manifest
-from fusedserve.engine.gstack.model_folder import copy_tokenizer_files, count_parameters, load_model, save_model
+from fusedserve.engine.gstack.model_folder import (
+    copy_tokenizer_files,
+    count_parameters,
+    load_model,
+    save_model,
+)
 
 STATE_NAME = "train_state.pt"
 LOG_NAME = "train_log.jsonl"
@@ -72,7 +78,10 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.max_lr, betas=(config.beta1, config.beta2))
 
 
@@ -154,7 +163,12 @@ def train(
     def record(step_done: int, train_loss: float | None, with_eval: bool) -> None:
         nonlocal last_eval
         tokens = step_done * config.tokens_per_step
-        entry = {"step": step_done, "tokens": tokens, "flops": 6.0 * params * tokens, "train_loss": train_loss}
+        entry = {
+            "step": step_done,
+            "tokens": tokens,
+            "flops": 6.0 * params * tokens,
+            "train_loss": train_loss,
+        }
         entry["lr"] = learning_rate(min(step_done, config.total_steps - 1), config)
         entry["elapsed_s"] = round(elapsed(), 2)
         if with_eval:
@@ -196,4 +210,6 @@ def train(
     if finished:
         save_model(model, out, manifest_after_training(read_manifest(init), tokens))
         copy_tokenizer_files(init, out)
-    return TrainOutcome(finished, step, tokens, 6.0 * params * tokens, params, last_eval if finished else None)
+    return TrainOutcome(
+        finished, step, tokens, 6.0 * params * tokens, params, last_eval if finished else None
+    )
