@@ -1,10 +1,10 @@
 """The memory-backend interface of vAttention, in the shape of the CUDA virtual memory management (VMM) API.
 
-reserve a virtual range -> create physical pages -> map a page at an address -> set access -> (use) -> unmap ->
-release. The allocator (allocator.py) speaks only this interface; the CPU backend implements it with mmap and a
-memfd, the CUDA backend with cuda-python. A backend never decides which page goes where (the allocator does) and
-never maps outside a range it reserved: every map/unmap/set_access is bounds- and alignment-checked here, because
-a stray fixed mapping silently overwrites whatever lives at that address.
+reserve a virtual range -> create physical pages -> map a page at an address -> set access -> (use) -> unmap
+-> release. The allocator (allocator.py) speaks only this interface; the CPU backend implements it with mmap
+and a memfd, the CUDA backend with cuda-python. A backend never decides which page goes where (the allocator
+does) and never maps outside a range it reserved: every map/unmap/set_access is bounds- and alignment-checked
+here, because a stray fixed mapping silently overwrites whatever lives at that address.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-PhysicalHandle = object  # an opaque handle to one physical page (an offset into a memfd, a CUmemGenericAllocationHandle)
+# An opaque handle to one physical page: an offset into a memfd, a CUmemGenericAllocationHandle.
+PhysicalHandle = object
 
 
 class BackendError(RuntimeError):
-    """A backend call was refused (out of range, misaligned, unknown handle) or the OS/driver reported failure."""
+    """A call was refused (out of range, misaligned, unknown handle) or the OS/driver reported a failure."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class ReservationTable:
             raise BackendError(f"range {address:#x}+{size} is outside every reservation")
         reservation = self._by_start[self._starts[index]]
         if address + size > reservation.end:
-            raise BackendError(f"range {address:#x}+{size} runs past reservation ending at {reservation.end:#x}")
+            raise BackendError(
+                f"range {address:#x}+{size} runs past reservation ending at {reservation.end:#x}"
+            )
         return reservation
 
     def __iter__(self):
@@ -86,7 +89,7 @@ class MemoryBackend(ABC):
 
     @abstractmethod
     def free_reservation(self, address: int, size: int) -> None:
-        """Give a whole reservation back. Everything in it must be unmapped and no tensor over it used again."""
+        """Give a whole reservation back. Nothing may be mapped in it and no tensor over it used again."""
 
     @abstractmethod
     def create_physical(self, size: int) -> PhysicalHandle:
@@ -106,7 +109,7 @@ class MemoryBackend(ABC):
 
     @abstractmethod
     def unmap(self, address: int, size: int) -> None:
-        """Remove the pages behind the range (cuMemUnmap); the reservation stays, the pages keep their data."""
+        """Remove the pages behind the range (cuMemUnmap); the reservation stays, the pages keep data."""
 
     @abstractmethod
     def discard(self, handle: PhysicalHandle) -> None:
@@ -121,4 +124,4 @@ class MemoryBackend(ABC):
 
     @abstractmethod
     def close(self) -> None:
-        """Release what the backend itself holds (files, reservations it still has). Tensors become invalid."""
+        """Release what the backend itself holds (files, reservations left); tensors over it die."""

@@ -1,0 +1,264 @@
+"""The vAttention page allocator: which physical pages back which slot, under a fixed page budget.
+
+Invariants (one place owns each):
+- A slot's mapped pages are always a prefix: page indexes [0, k) of the slot, in every region (tensor).
+- `reserved[slot]` is the in-flight length: the model may read or write positions [0, reserved) of an active
+  slot. Nothing below pages_for(reserved) is ever unmapped while the slot is active; pages above it (mapped
+  ahead of need) may be taken back at any time.
+- A freed slot keeps its pages (deferred reclamation): the next request is given the free slot holding the
+  most pages, and growing slots take pages from the pool first, then from idle slots (oldest first, by moving
+  the page: unmap there, map here, no copy), then from other active slots' mapped-ahead pages.
+- All bookkeeping and every map/unmap happen under one lock; the map-ahead worker is one thread whose future
+  is joined before the next job is submitted and on close.
+
+It never reads or writes KV data and never decides who runs (the scheduler does, from grow()'s answer).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from fusedserve.engine.vattention.backend import MemoryBackend, PhysicalHandle
+from fusedserve.engine.vattention.page_pool import PagePool
+
+
+@dataclass(frozen=True)
+class SlotGeometry:
+    """Where slot s's page i sits: slots lie `slot_stride` bytes apart in region r, tokens `token_bytes`."""
+
+    region_addresses: tuple[int, ...]
+    num_slots: int
+    slot_stride: int  # a whole number of pages
+    token_bytes: int  # bytes one token occupies in one region
+    page_size: int
+    max_tokens: int
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens * self.token_bytes // self.page_size)
+
+    def page_address(self, region: int, slot: int, index: int) -> int:
+        return self.region_addresses[region] + slot * self.slot_stride + index * self.page_size
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.region_addresses)
+
+    @property
+    def group_bytes(self) -> int:
+        """Physical bytes behind one page index of a slot (one page in every region)."""
+        return self.page_size * self.num_regions
+
+
+@dataclass
+class AllocatorStats:
+    """Cumulative counters (in page groups: one page index of one slot, every region)."""
+
+    pages_mapped: int = 0  # by reserve (on the critical path) and ahead (background)
+    pages_mapped_ahead: int = 0
+    pages_unmapped: int = 0
+    pages_moved: int = 0  # taken from an idle or over-mapped slot instead of the pool
+    pages_discarded: int = 0  # memory handed back to the OS
+    map_seconds_per_page: deque[float] = field(default_factory=lambda: deque(maxlen=20000))
+
+
+class PageAllocator:
+    def __init__(
+        self, backend: MemoryBackend, geometry: SlotGeometry, num_pages: int, map_ahead_tokens: int = 16
+    ) -> None:
+        if num_pages <= 0:
+            raise ValueError("the KV budget holds no page")
+        self.backend = backend
+        self.geometry = geometry
+        self.num_pages = num_pages
+        self.map_ahead_tokens = map_ahead_tokens
+        self.stats = AllocatorStats()
+        # Region-major creation: pages g and g+1 of a region are physical neighbours (one VMA on the CPU).
+        self._handles: list[list[PhysicalHandle]] = [
+            [backend.create_physical(geometry.page_size) for _ in range(num_pages)]
+            for _ in range(geometry.num_regions)
+        ]
+        self._pool = PagePool(num_pages)
+        self._pages: list[list[int]] = [[] for _ in range(geometry.num_slots)]
+        self._reserved = [0] * geometry.num_slots
+        self._active: set[int] = set()
+        self._idle: dict[int, None] = {}  # free slots holding pages, oldest first
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, "kv-map-ahead", initializer=backend.bind_thread)
+        self._ahead_job: Future[None] | None = None
+        self._closed = False
+
+    # -- slot lifecycle ----------------------------------------------------------------------------
+    def activate(self, slot: int) -> None:
+        with self._lock:
+            self._idle.pop(slot, None)
+            self._active.add(slot)
+            self._reserved[slot] = 0
+
+    def deactivate(self, slot: int) -> None:
+        """The request left the slot; its pages stay mapped for the next request (deferred reclamation)."""
+        with self._lock:
+            self._active.discard(slot)
+            self._reserved[slot] = 0
+            if self._pages[slot]:
+                self._idle[slot] = None
+
+    def best_free_slot(self, free_slots: list[int]) -> int | None:
+        """Among free slots, the one holding the most pages (ties: the last in the list)."""
+        with self._lock:
+            return max(reversed(free_slots), key=lambda s: len(self._pages[s]), default=None)
+
+    # -- capacity ----------------------------------------------------------------------------------
+    def available_pages(self) -> int:
+        """Pages a request could get now: the pool, idle slots' pages and active slots' mapped-ahead pages."""
+        with self._lock:
+            return self._available(exclude=None)
+
+    def mapped_pages(self) -> int:
+        with self._lock:
+            return self.num_pages - self._pool.num_free
+
+    def active_pages(self) -> int:
+        with self._lock:
+            return sum(len(self._pages[s]) for s in self._active)
+
+    def pages_of(self, slot: int) -> int:
+        with self._lock:
+            return len(self._pages[slot])
+
+    # -- growing -----------------------------------------------------------------------------------
+    def grow(self, slot: int, num_tokens: int) -> bool:
+        """Map the slot's pages for [0, num_tokens) now (its in-flight length). False: memory short."""
+        with self._lock:
+            if slot not in self._active:
+                raise KeyError(f"slot {slot} is not active")
+            missing = self.geometry.pages_for(num_tokens) - len(self._pages[slot])
+            if missing > 0:
+                if missing > self._pool.num_free and missing > self._available(exclude=slot):
+                    return False
+                self._extend(slot, missing, steal_from_active=True, ahead=False)
+            self._reserved[slot] = max(self._reserved[slot], num_tokens)
+            return True
+
+    def map_ahead(self, upcoming_lengths: dict[int, int]) -> None:
+        """Join the previous map-ahead job, then map pages for these lengths on the worker thread."""
+        self.wait()
+        if self._closed:
+            return
+        targets = dict(upcoming_lengths)
+        self._ahead_job = self._executor.submit(self._map_ahead_job, targets)
+
+    def wait(self) -> None:
+        """Join the in-flight map-ahead job (re-raising its error, if any)."""
+        job, self._ahead_job = self._ahead_job, None
+        if job is not None:
+            job.result()
+
+    def _map_ahead_job(self, targets: dict[int, int]) -> None:
+        if not targets:
+            self.release_idle_pages()
+            return
+        for slot, length in targets.items():
+            with self._lock:
+                if slot not in self._active:
+                    continue
+                wanted = min(self.geometry.max_tokens, length + self.map_ahead_tokens)
+                missing = self.geometry.pages_for(wanted) - len(self._pages[slot])
+                missing = min(missing, self._pool.num_free + self._idle_page_count())
+                if missing > 0:
+                    self._extend(slot, missing, steal_from_active=False, ahead=True)
+
+    # -- giving memory back ------------------------------------------------------------------------
+    def release_idle_pages(self) -> int:
+        """Unmap every idle slot's pages and return their memory to the OS; returns how many pages."""
+        with self._lock:
+            released = 0
+            for slot in list(self._idle):
+                while self._pages[slot]:
+                    page = self._pop_page(slot)
+                    self._discard(page)
+                    self._pool.give_back(page)
+                    released += 1
+                del self._idle[slot]
+            return released
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.wait()
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            for slot in range(self.geometry.num_slots):
+                while self._pages[slot]:
+                    self._pool.give_back(self._pop_page(slot))
+            self._idle.clear()
+            for region_handles in self._handles:
+                for handle in region_handles:
+                    self.backend.release_physical(handle)
+            self._handles = []
+
+    # -- internals (lock held) ---------------------------------------------------------------------
+    def _idle_page_count(self) -> int:
+        return sum(len(self._pages[s]) for s in self._idle)
+
+    def _excess_pages(self, slot: int) -> int:
+        return len(self._pages[slot]) - self.geometry.pages_for(self._reserved[slot])
+
+    def _available(self, exclude: int | None) -> int:
+        excess = sum(self._excess_pages(s) for s in self._active if s != exclude)
+        return self._pool.num_free + self._idle_page_count() + excess
+
+    def _extend(self, slot: int, count: int, steal_from_active: bool, ahead: bool) -> None:
+        """Append `count` pages to the slot's prefix: pool first, then idle slots, then over-mapped slots."""
+        pages = self._pages[slot]
+        taken: list[int] = []
+        previous = pages[-1] if pages else None
+        while len(taken) < count and self._pool.num_free:
+            previous = self._pool.take(after=previous)
+            taken.append(previous)
+        for victim in list(self._idle):
+            while len(taken) < count and self._pages[victim]:
+                taken.append(self._pop_page(victim))
+                self.stats.pages_moved += 1
+            if not self._pages[victim]:
+                del self._idle[victim]
+        if steal_from_active:
+            for victim in list(self._active):
+                while len(taken) < count and victim != slot and self._excess_pages(victim) > 0:
+                    taken.append(self._pop_page(victim))
+                    self.stats.pages_moved += 1
+        if len(taken) < count:
+            raise RuntimeError(f"allocator accounting drifted: wanted {count} pages, found {len(taken)}")
+        self._map_run(slot, len(pages), taken)
+        pages.extend(taken)
+        self.stats.pages_mapped += len(taken)
+        if ahead:
+            self.stats.pages_mapped_ahead += len(taken)
+
+    def _map_run(self, slot: int, first_index: int, pages: list[int]) -> None:
+        started = time.perf_counter()
+        size = self.geometry.page_size
+        for region in range(self.geometry.num_regions):
+            for offset, page in enumerate(pages):
+                address = self.geometry.page_address(region, slot, first_index + offset)
+                self.backend.map(address, size, self._handles[region][page])
+            start = self.geometry.page_address(region, slot, first_index)
+            self.backend.set_access(start, size * len(pages))
+        per_page = (time.perf_counter() - started) / len(pages)
+        self.stats.map_seconds_per_page.extend([per_page] * len(pages))
+
+    def _pop_page(self, slot: int) -> int:
+        index = len(self._pages[slot]) - 1
+        for region in range(self.geometry.num_regions):
+            self.backend.unmap(self.geometry.page_address(region, slot, index), self.geometry.page_size)
+        self.stats.pages_unmapped += 1
+        return self._pages[slot].pop()
+
+    def _discard(self, page: int) -> None:
+        for region in range(self.geometry.num_regions):
+            self.backend.discard(self._handles[region][page])
+        self.stats.pages_discarded += 1
