@@ -22,6 +22,13 @@ def test_tokenizer_ids_are_utf8_bytes_and_decode_round_trips() -> None:
     assert tokenizer.eos_token_id == EOT_ID and len(tokenizer) == 257
 
 
+def test_chat_template_joins_message_contents_as_a_code_prompt() -> None:
+    messages = [{"role": "system", "content": "# helpers"}, {"role": "user", "content": "def add(a, b):"}]
+    tokenizer = build_byte_tokenizer()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "# helpers\ndef add(a, b):"
+
+
 def test_split_by_file_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     for i in range(60):
         (tmp_path / f"mod_{i}.py").write_text(f"x = {i}\n")

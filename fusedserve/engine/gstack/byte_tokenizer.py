@@ -12,6 +12,12 @@ from pathlib import Path
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 256
 VOCAB_SIZE = 257
+# The models are pre-trained on Python source, not on dialogues: a chat is rendered as the plain concatenation
+# of the messages' contents, so a chat request is a code prompt that the model continues.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}"
+)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -47,6 +53,7 @@ def build_byte_tokenizer():  # -> transformers.PreTrainedTokenizerFast
         model_max_length=1 << 30,
         clean_up_tokenization_spaces=False,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.convert_tokens_to_ids(EOT_TOKEN) != EOT_ID:
         raise RuntimeError("byte tokenizer: <|endoftext|> did not get id 256")
     return tokenizer

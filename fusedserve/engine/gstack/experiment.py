@@ -149,6 +149,8 @@ class Experiment:
         """Train every run in order within the time limit; True when all are finished."""
         deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
         for plan in self.plans():
+            if plan.name == "scratch_long" and not self.scratch_long_needed():
+                continue
             if plan.name == "gstack" and not (self.out / "grown" / MANIFEST_NAME).exists():
                 grow_folder(self.out / "base", self.config.factor, self.out / "grown")
             left = None if deadline is None else deadline - time.monotonic()
@@ -162,6 +164,13 @@ class Experiment:
             if not plan.outcome.finished:
                 return False
         return True
+
+    def scratch_long_needed(self) -> bool:
+        """scratch_long only matters when Gstack ends below scratch's final loss at the equal budget."""
+        curves = self.curves()
+        if not (self.finished("scratch") and self.finished("gstack")):
+            return True
+        return compute_speedup(curves["gstack"], [curves["scratch"]]).lower_bound
 
     def curves(self) -> dict[str, list]:
         base = read_curve(self.out / "base")
@@ -185,6 +194,8 @@ class Experiment:
         done = {name: self.finished(name) for name in ("scratch", "base", "gstack", "small", "scratch_long")}
         complete = done["scratch"] and done["gstack"] and done["small"]
         result: dict = {"complete": complete, "runs_finished": done}
+        if complete and not done["scratch_long"] and not self.scratch_long_needed():
+            result["scratch_long"] = "not run: scratch reaches Gstack's final loss within the equal budget"
         if done["scratch"] and done["gstack"]:
             sp = compute_speedup(curves["gstack"], [curves["scratch"], curves["scratch_long"]])
             result["speedup"] = asdict(sp)
