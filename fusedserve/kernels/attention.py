@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fusedserve.kernels.cpu.extensions import load_cpp_extension
+
 
 @dataclass
 class SlotBatch:
@@ -27,6 +29,9 @@ class SlotBatch:
     token_starts: list[int]
     slot_of_token: torch.Tensor  # [T] long: the slot each flat token writes to
     position_of_token: torch.Tensor  # [T] long: its position in that slot
+    decode_rows: torch.Tensor  # [D] long: flat rows of the sequences with a single new token
+    decode_slots: torch.Tensor  # [D] long: their slots
+    decode_context_lens: torch.Tensor  # [D] long: their context lengths
 
     @classmethod
     def build(cls, slots: list[int], query_lens: list[int], context_lens: list[int]) -> SlotBatch:
@@ -36,6 +41,7 @@ class SlotBatch:
             slot_of_token.extend([slot] * q_len)
             position_of_token.extend(range(ctx_len - q_len, ctx_len))
             offset += q_len
+        decodes = [i for i, q_len in enumerate(query_lens) if q_len == 1]
         return cls(
             slots=slots,
             query_lens=query_lens,
@@ -43,6 +49,9 @@ class SlotBatch:
             token_starts=token_starts,
             slot_of_token=torch.tensor(slot_of_token, dtype=torch.long),
             position_of_token=torch.tensor(position_of_token, dtype=torch.long),
+            decode_rows=torch.tensor([token_starts[i] for i in decodes], dtype=torch.long),
+            decode_slots=torch.tensor([slots[i] for i in decodes], dtype=torch.long),
+            decode_context_lens=torch.tensor([context_lens[i] for i in decodes], dtype=torch.long),
         )
 
     @property
@@ -69,9 +78,23 @@ def attend(
     """
     num_tokens, num_heads, head_dim = q.shape
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype)
+    kernel = load_cpp_extension("decode_attention.cpp") if q.device.type == "cpu" else None
+    if kernel is not None and batch.decode_rows.numel():
+        # All single-token queries in one call: a Python loop of tiny SDPA calls costs ~80 us per sequence.
+        rows = batch.decode_rows
+        out[rows] = kernel.decode_attention(
+            q.index_select(0, rows).float().contiguous(),
+            key_cache,
+            value_cache,
+            batch.decode_slots,
+            batch.decode_context_lens,
+            scale,
+        ).to(q.dtype)
     for slot, q_len, ctx_len, start in zip(
         batch.slots, batch.query_lens, batch.context_lens, batch.token_starts, strict=True
     ):
+        if kernel is not None and q_len == 1:
+            continue
         query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         keys = key_cache[slot, :ctx_len].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, ctx, D]
         values = value_cache[slot, :ctx_len].transpose(0, 1).unsqueeze(0).to(q.dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 # Rows at or above which the bf16 copy wins; measured by benchmarks/linear_dtypes.py on this machine.
-BF16_MIN_ROWS = 64
+BF16_MIN_ROWS = 8
 
 
 class Linear(Protocol):
