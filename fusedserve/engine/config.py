@@ -10,7 +10,7 @@ from pathlib import Path
 class ModelConfig:
     model_dir: Path
     served_model_name: str
-    dtype: str = "float32"  # float32 | bfloat16: the weights' storage dtype
+    dtype: str = "auto"  # auto | float32 | bfloat16 (see llm_engine.DTYPES)
     device: str = "cpu"
 
 

@@ -19,18 +19,22 @@ from fusedserve.engine.errors import PromptTooLongError
 from fusedserve.engine.kv_cache import KVCache, KVCacheSpec
 from fusedserve.engine.manifest import read_manifest
 from fusedserve.engine.model.llama import LlamaModel
-from fusedserve.engine.model.loader import dense_linear_factory, load_llama
+from fusedserve.engine.model.loader import dense_linear_factory, load_llama, mixed_precision_linear_factory
 from fusedserve.engine.model_runner import ModelRunner
 from fusedserve.engine.observer import EngineObserver, NullObserver, StepStats
 from fusedserve.engine.request import Request, RequestOutput, RequestStatus
-from fusedserve.engine.sampler import SampleResult, Sampler
+from fusedserve.engine.sampler import Sampler, SampleResult
 from fusedserve.engine.sampling_params import SamplingParams
 from fusedserve.engine.scheduler import Scheduler, SchedulerOutput
 from fusedserve.engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# --dtype choices: the weights' storage dtype and how linears compute.
+#   auto      fp32 weights; batches of BF16_MIN_ROWS+ rows multiply in bf16 on AMX (measured faster), smaller in fp32
+#   float32   fp32 everywhere (bit-for-bit comparable with transformers in fp32; outputs independent of batching)
+#   bfloat16  bf16 weights and compute
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_kv_cache(config: EngineConfig, model: LlamaModel) -> KVCache:
@@ -48,14 +52,14 @@ def build_kv_cache(config: EngineConfig, model: LlamaModel) -> KVCache:
     return create_kv_cache(spec, config.cache, config.model.device)
 
 
-def load_model_for_engine(model_dir: Path, dtype: torch.dtype, max_positions: int) -> LlamaModel:
+def load_model_for_engine(model_dir: Path, dtype: str, max_positions: int) -> LlamaModel:
     """Load the model, switching on the runtime side of each technique its manifest names."""
-    make_linear = dense_linear_factory
+    make_linear = mixed_precision_linear_factory if dtype == "auto" else dense_linear_factory
     if "larosa" in read_manifest(model_dir):
         from fusedserve.engine.larosa.runtime import larosa_linear_factory
 
-        make_linear = larosa_linear_factory(model_dir) or dense_linear_factory
-    return load_llama(model_dir, dtype=dtype, max_positions=max_positions, make_linear=make_linear)
+        make_linear = larosa_linear_factory(model_dir) or make_linear
+    return load_llama(model_dir, dtype=DTYPES[dtype], max_positions=max_positions, make_linear=make_linear)
 
 
 class LLMEngine:
@@ -83,7 +87,7 @@ class LLMEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         model_dir = Path(config.model.model_dir)
-        model = load_model_for_engine(model_dir, DTYPES[config.model.dtype], config.scheduler.max_model_len)
+        model = load_model_for_engine(model_dir, config.model.dtype, config.scheduler.max_model_len)
         tokenizer = load_tokenizer(model_dir)
         return cls(config, model, tokenizer, build_kv_cache(config, model), observer)
 

@@ -11,7 +11,7 @@ import torch
 from fusedserve.engine.kv_cache import KVCache
 from fusedserve.engine.model.llama import LlamaModel
 from fusedserve.engine.request import Request
-from fusedserve.engine.sampler import SampleResult, Sampler
+from fusedserve.engine.sampler import Sampler, SampleResult
 from fusedserve.engine.scheduler import SchedulerOutput
 from fusedserve.kernels.attention import SlotBatch
 

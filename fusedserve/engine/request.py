@@ -9,8 +9,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fusedserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +48,8 @@ class Request:
     num_prompt_tokens_seen: int = 0
     error: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
+    # The request's own random stream when params.seed is set; the sampler creates it on first use.
+    generator: torch.Generator | None = None
     # Timestamps (monotonic seconds) for metrics.
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

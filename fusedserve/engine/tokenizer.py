@@ -37,7 +37,9 @@ class Tokenizer(ABC):
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The chat template applied to messages, as text."""
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs))
 
     def token_text(self, token_id: int) -> str:

@@ -25,7 +25,9 @@ class Linear(Protocol):
 
 
 class DenseLinear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_min_rows: int | None = BF16_MIN_ROWS) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, bf16_min_rows: int | None = BF16_MIN_ROWS
+    ) -> None:
         self.weight = weight.contiguous()
         self.bias = bias
         self.out_features, self.in_features = weight.shape

@@ -22,6 +22,12 @@ LinearFactory = Callable[[str, torch.Tensor, torch.Tensor | None], Linear]
 
 
 def dense_linear_factory(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    """Dense layers computing in the weights' own dtype for every batch size (exact float32 when fp32)."""
+    return DenseLinear(weight, bias, bf16_min_rows=None)
+
+
+def mixed_precision_linear_factory(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    """Dense layers that keep fp32 weights for small batches and use a bf16 copy (AMX) for large ones."""
     return DenseLinear(weight, bias)
 
 

@@ -25,7 +25,7 @@ def write_random_llama(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     max_position_embeddings: int = 2048,
-    tie_word_embeddings: bool = True,
+    tie_word_embeddings: bool = False,
     tokenizer_from: Path | None = None,
     seed: int = 0,
 ) -> Path:
@@ -33,7 +33,7 @@ def write_random_llama(
     generator = torch.Generator().manual_seed(seed)
     head_dim = hidden_size // num_heads
 
-    def randn(*shape: int, scale: float = 0.08) -> torch.Tensor:
+    def randn(*shape: int, scale: float = 0.3) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * scale
 
     state = {"model.embed_tokens.weight": randn(vocab_size, hidden_size, scale=0.5)}

@@ -33,9 +33,10 @@ template <typename scalar_t>
 void decode_attention_kernel(const float* q, const scalar_t* k_cache, const scalar_t* v_cache,
                              const int64_t* slots, const int64_t* lens, float* out,
                              int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                             int64_t max_len, float scale) {
+                             const int64_t* k_strides, const int64_t* v_strides, float scale) {
+  // Strides (elements) of [slot, token, kv_head]; head_dim is contiguous. Caches may be strided views, e.g. one
+  // per layer over a region whose token record holds every layer.
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t token_stride = num_kv_heads * head_dim;
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> row(head_dim);
@@ -43,10 +44,11 @@ void decode_attention_kernel(const float* q, const scalar_t* k_cache, const scal
       const int64_t b = work / num_kv_heads;
       const int64_t kvh = work % num_kv_heads;
       const int64_t len = lens[b];
-      const int64_t base = slots[b] * max_len * token_stride + kvh * head_dim;
+      const int64_t k_base = slots[b] * k_strides[0] + kvh * k_strides[2];
+      const int64_t v_base = slots[b] * v_strides[0] + kvh * v_strides[2];
       scores.assign(group * len, 0.0f);
       for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* key = k_cache + base + t * token_stride;
+        const scalar_t* key = k_cache + k_base + t * k_strides[1];
         for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(key[d]);
         for (int64_t g = 0; g < group; ++g) {
           const float* query = q + (b * num_heads + kvh * group + g) * head_dim;
@@ -67,7 +69,7 @@ void decode_attention_kernel(const float* q, const scalar_t* k_cache, const scal
         for (int64_t d = 0; d < head_dim; ++d) o[d] = 0.0f;
       }
       for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* value = v_cache + base + t * token_stride;
+        const scalar_t* value = v_cache + v_base + t * v_strides[1];
         for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(value[d]);
         for (int64_t g = 0; g < group; ++g) {
           const float p = scores[g * len + t];
@@ -84,7 +86,9 @@ void decode_attention_kernel(const float* q, const scalar_t* k_cache, const scal
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor key_cache, torch::Tensor value_cache,
                                torch::Tensor slots, torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: contiguous float32 [B, H, D]");
-  TORCH_CHECK(key_cache.dim() == 4 && key_cache.is_contiguous() && value_cache.is_contiguous(), "caches: contiguous [S, T, KVH, D]");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "caches: [S, T, KVH, D]");
+  TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1, "caches: head_dim must be contiguous");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "K and V caches differ in shape");
   TORCH_CHECK(key_cache.scalar_type() == value_cache.scalar_type(), "K and V caches differ in dtype");
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64, "slots/lens: int64");
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
@@ -99,16 +103,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor key_cache, torch::
     TORCH_CHECK(slot_ptr[b] >= 0 && slot_ptr[b] < num_slots, "slot out of range");
     TORCH_CHECK(len_ptr[b] > 0 && len_ptr[b] <= max_len, "context length out of range");
   }
+  const int64_t k_strides[3] = {key_cache.stride(0), key_cache.stride(1), key_cache.stride(2)};
+  const int64_t v_strides[3] = {value_cache.stride(0), value_cache.stride(1), value_cache.stride(2)};
   auto out = torch::empty_like(q);
   if (key_cache.scalar_type() == torch::kFloat32) {
     decode_attention_kernel<float>(q.data_ptr<float>(), key_cache.data_ptr<float>(), value_cache.data_ptr<float>(),
                                    slot_ptr, len_ptr, out.data_ptr<float>(), batch, num_heads, num_kv_heads,
-                                   head_dim, max_len, static_cast<float>(scale));
+                                   head_dim, k_strides, v_strides, static_cast<float>(scale));
   } else if (key_cache.scalar_type() == torch::kBFloat16) {
     decode_attention_kernel<at::BFloat16>(q.data_ptr<float>(), key_cache.data_ptr<at::BFloat16>(),
                                           value_cache.data_ptr<at::BFloat16>(), slot_ptr, len_ptr,
-                                          out.data_ptr<float>(), batch, num_heads, num_kv_heads, head_dim, max_len,
-                                          static_cast<float>(scale));
+                                          out.data_ptr<float>(), batch, num_heads, num_kv_heads, head_dim, k_strides,
+                                          v_strides, static_cast<float>(scale));
   } else {
     TORCH_CHECK(false, "unsupported KV cache dtype");
   }
