@@ -14,6 +14,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "fusedserve.server.cli",
     "fusedserve.engine.gstack.cli",
+    "fusedserve.engine.adaptivocab.cli",
 ]
 
 

@@ -76,9 +76,9 @@ def read_bpe_vocab(tokenizer_json: Path) -> BPEVocab:
     return BPEVocab(vocab, id_to_token, merge_parts, special_ids, base_alphabet_ids)
 
 
-def decompose(token_id: int, merge_parts: dict[int, tuple[int, int]], removed: set[int] | frozenset[int]) -> tuple[
-    int, ...
-]:
+def decompose(
+    token_id: int, merge_parts: dict[int, tuple[int, int]], removed: set[int] | frozenset[int]
+) -> tuple[int, ...]:
     """A removed token as a sequence of kept tokens, by undoing merge rules until every piece is kept."""
     if token_id not in removed:
         return (token_id,)

@@ -1,4 +1,5 @@
-"""The domain corpus AdaptiVocab adapts to: any directory of text files, split into train and held-out by file.
+"""The domain corpus AdaptiVocab adapts to: any directory of text files, split into train and held-out by
+file.
 
 The default domain is the Python documentation (reStructuredText sources of Debian's `python3.11-doc`). If the
 package is not installed, its .deb is fetched with `apt-get download` and unpacked with `dpkg -x` into the
@@ -43,7 +44,7 @@ def python_docs_cache_dir() -> Path:
 
 
 def ensure_python_docs() -> Path:
-    """The Python documentation sources: the installed package, else the cached unpacked .deb (fetched once)."""
+    """The Python docs sources: the installed package, else the cached unpacked .deb (fetched once)."""
     installed = Path("/") / PYTHON_DOCS_SOURCES
     if installed.is_dir():
         return installed
@@ -79,7 +80,7 @@ def _download_and_unpack(package: str, dest: Path) -> None:
 
 
 def resolve_corpus(corpus: str | Path | None) -> Path:
-    """A corpus argument to a directory: None or the default name means the Python docs, else the path itself."""
+    """A corpus argument to a directory: None or the default name means the Python docs, else the path."""
     if corpus is None or str(corpus) == PYTHON_DOCS_NAME:
         return ensure_python_docs()
     path = Path(corpus)
@@ -89,7 +90,7 @@ def resolve_corpus(corpus: str | Path | None) -> Path:
 
 
 def load_documents(root: Path) -> list[Document]:
-    """Every readable UTF-8 text file under root (recursively, sorted by relative path); binary files are skipped."""
+    """Every UTF-8 text file under root (recursively, sorted by relative path); binary files are skipped."""
     documents = []
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink()):
         raw = path.read_bytes()
@@ -102,7 +103,7 @@ def load_documents(root: Path) -> list[Document]:
 
 
 def is_heldout(relative_path: str, heldout_fraction: float = HELDOUT_FRACTION) -> bool:
-    """Deterministic per-file assignment: a stable hash of the path decides, independent of the other files."""
+    """Deterministic per-file assignment: a stable hash of the path decides, whatever the other files."""
     digest = hashlib.sha1(relative_path.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
 

@@ -1,9 +1,10 @@
 """Initial embeddings for the recycled ids (AdaptiVocab's exponential initialisation).
 
-Input and output embeddings are untied first (the LM head becomes its own copy). A new token t = (t_0..t_{k-1})
-gets input row sum_i w_i E[t_i] with w_i proportional to exp(+2i) (the last piece weighs most: it is what the
-model has just read), and LM-head row sum_i v_i H[t_i] with v_i proportional to exp(-2i) (the first piece
-weighs most: it is what the model predicts next). Rows are computed from frozen copies; kept rows are unchanged.
+Input and output embeddings are untied first (the LM head becomes its own copy). A new token t =
+(t_0..t_{k-1}) gets input row sum_i w_i E[t_i] with w_i proportional to exp(+2i) (the last piece weighs most:
+it is what the model has just read), and LM-head row sum_i v_i H[t_i] with v_i proportional to exp(-2i) (the
+first piece weighs most: it is what the model predicts next). Rows are computed from frozen copies; kept rows
+are unchanged.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def init_patched_embeddings(
     return new_embed, new_head
 
 
-def patch_state_dict(state: dict[str, torch.Tensor], new_tokens: dict[int, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def patch_state_dict(
+    state: dict[str, torch.Tensor], new_tokens: dict[int, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
     """A copy of a Llama state dict with untied, initialised embedding and LM-head tables."""
     out = dict(state)
     embed, head = init_patched_embeddings(state[EMBED_KEY], state.get(LM_HEAD_KEY), new_tokens)

@@ -2,8 +2,8 @@
 
 An adapted folder keeps every non-weight file of its source (the ORIGINAL tokenizer files, chat template,
 generation config), gets config.json with untied embeddings, one model.safetensors, and the patch file. The
-folder is written in a temporary sibling and renamed into place, so a crash never leaves half a model.
-This module knows nothing of the vocabulary algorithm.
+folder is written in a temporary sibling and renamed into place, so a crash never leaves half a model. This
+module knows nothing of the vocabulary algorithm.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def write_model_folder(
     config_updates: dict,
     write_extra: Callable[[Path], None],
 ) -> None:
-    """Copy source's non-weight files to out with new weights and config; write_extra adds files (patch, manifest)."""
+    """Copy source's non-weight files to out with new weights and config; write_extra adds more files."""
     from safetensors.torch import save_file
 
     source, out = Path(source), Path(out)
@@ -60,6 +60,9 @@ def write_model_folder(
         tensors = {k: v.detach().contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_extra(tmp)
+        tmp.chmod(0o755)
+        for path in tmp.iterdir():
+            path.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

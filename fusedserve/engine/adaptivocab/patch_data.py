@@ -1,8 +1,10 @@
-"""The vocabulary patch: the record a build produces and a PatchTokenizer reads, and its file in a model folder.
+"""The vocabulary patch: the record a build produces and a PatchTokenizer reads, and its file in a model
+folder.
 
 A patch says, for every reused id, which sequence of original tokens the new token stands for, and how the
 original token that used to own that id is decomposed into kept tokens. All other ids keep their meaning, so
-the vocabulary size, BOS/EOS and chat-template ids are unchanged. This module only stores and checks the record.
+the vocabulary size, BOS/EOS and chat-template ids are unchanged. This module only stores and checks the
+record.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ PATCH_FORMAT = 1
 
 @dataclass(frozen=True)
 class VocabPatch:
-    """new_tokens: reused id -> the original (kept) ids it merges; removed: that id's old token -> kept ids."""
+    """new_tokens: reused id -> the kept original ids it merges; removed: that id's old token -> kept ids."""
 
     max_n: int
     new_tokens: dict[int, tuple[int, ...]]

@@ -1,19 +1,31 @@
 """PatchTokenizer: the engine's tokenizer for a model folder with an AdaptiVocab patch (paper Algorithm 2).
 
-Encoding runs the folder's ORIGINAL tokenizer (special tokens in the text map to their ids there), replaces any
-removed token by its decomposition into kept tokens, then merges greedily left to right, longest n-gram first
-(k = max_n..2, one dict lookup per k, only at tokens that start some n-gram). Decoding expands every id into
-original ids and runs the original decoder, so it works on any window of ids (streaming detokenization).
-It never changes the meaning of a kept id: BOS/EOS, specials and template tokens are the original ones.
+Encoding runs the folder's ORIGINAL tokenizer (special tokens in the text map to their ids there), replaces
+any removed token by its decomposition into kept tokens, then merges greedily left to right, longest n-gram
+first (k = max_n..2, one dict lookup per k, only at tokens that start some n-gram). Long texts are cut where a
+non-space character meets a newline (always a pre-token boundary of byte-level BPE, so the original ids are
+identical) and encoded as a batch, which the original tokenizer does much faster than one long string.
+Decoding expands every id into original ids and runs the original decoder, so it works on any window of ids
+(streaming detokenization). It never changes the meaning of a kept id: BOS/EOS, specials and template tokens
+are the original ones.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from fusedserve.engine.adaptivocab.patch_data import VocabPatch
 from fusedserve.engine.tokenizer import HFTokenizer, Tokenizer
+
+LONG_TEXT_CHARS = 8192
+_LINE_END = re.compile(r"(?<=\S)(?=\n)")
+
+
+def split_at_line_ends(text: str) -> list[str]:
+    """Pieces of text cut before each newline that follows a non-space character (joined, they are text)."""
+    return _LINE_END.split(text)
 
 
 class NgramMerger:
@@ -23,12 +35,12 @@ class NgramMerger:
         self.max_n = patch.max_n
         self._removed = patch.removed
         self._removed_ids = frozenset(patch.removed)
-        self._tables: list[tuple[int, dict[tuple[int, ...], int]]] = []
-        for k in range(patch.max_n, 1, -1):
-            table = {pieces: token_id for token_id, pieces in patch.new_tokens.items() if len(pieces) == k}
-            if table:
-                self._tables.append((k, table))
-        self._starts = frozenset(pieces[0] for pieces in patch.new_tokens.values())
+        by_first: dict[int, dict[int, dict[tuple[int, ...], int]]] = {}
+        for token_id, pieces in patch.new_tokens.items():
+            by_first.setdefault(pieces[0], {}).setdefault(len(pieces) - 1, {})[pieces[1:]] = token_id
+        # first piece -> [(rest length, {rest pieces: new id})], longest rest first
+        self._by_first = {first: sorted(tables.items(), reverse=True) for first, tables in by_first.items()}
+        self._padding = [-1] * (patch.max_n - 1)
         self._expansion = dict(patch.new_tokens)
 
     def decompose_removed(self, ids: list[int]) -> list[int]:
@@ -46,20 +58,21 @@ class NgramMerger:
 
     def merge(self, ids: list[int]) -> list[int]:
         """Original ids (already decomposed) to patched ids."""
-        starts, tables = self._starts, self._tables
+        lookup = self._by_first.get
+        padded = ids + self._padding  # -1 never matches, so no bounds checks in the loop
         out: list[int] = []
         append = out.append
         i, n = 0, len(ids)
         while i < n:
-            token_id = ids[i]
-            if token_id in starts:
-                for k, table in tables:
-                    if i + k <= n:
-                        new_id = table.get(tuple(ids[i : i + k]))
-                        if new_id is not None:
-                            append(new_id)
-                            i += k
-                            break
+            token_id = padded[i]
+            entry = lookup(token_id)
+            if entry is not None:
+                for rest_length, table in entry:
+                    new_id = table.get(tuple(padded[i + 1 : i + 1 + rest_length]))
+                    if new_id is not None:
+                        append(new_id)
+                        i += rest_length + 1
+                        break
                 else:
                     append(token_id)
                     i += 1
@@ -112,22 +125,27 @@ class PatchTokenizer(Tokenizer):
 
     def encode_original(self, text: str) -> list[int]:
         """The original tokenizer's ids for text (no special tokens added)."""
-        if self._fast is not None:
+        if self._fast is None:
+            return self._base.encode(text)
+        if len(text) <= LONG_TEXT_CHARS:
             return list(self._fast.encode(text, add_special_tokens=False).ids)
-        return self._base.encode(text)
+        return [i for ids in self._encode_original_batch(split_at_line_ends(text)) for i in ids]
+
+    def _encode_original_batch(self, texts: list[str]) -> list[list[int]]:
+        batch = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)
+        return [list(e.ids) for e in batch(texts, add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
         return self.merger.merge(self.merger.decompose_removed(self.encode_original(text)))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts at once (the original tokenizer runs them in parallel)."""
-        if self._fast is None:
-            return [self.encode(t) for t in texts]
-        encodings = self._fast.encode_batch(texts, add_special_tokens=False)
-        return [self.merger.merge(self.merger.decompose_removed(list(e.ids))) for e in encodings]
+        """Many texts at once (each is merged on its own; n-grams never span two texts)."""
+        return [self.encode(text) for text in texts]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._base.decode(self.merger.expand(list(token_ids)), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         return self._base.render_chat(messages, add_generation_prompt, **kwargs)

@@ -1,15 +1,16 @@
 """Choosing the domain vocabulary (AdaptiVocab, Algorithm 1): which n-grams get which recycled ids.
 
 Candidates are sequences of 2..max_n original tokens seen in the domain corpus, inside words or across word
-boundaries ("Ġof Ġthe"). Each is scored S(t) = F(t) x len(t). One token at a time, the best candidate takes the
-id of the least frequent removable original token. The score update is overlap-aware and exact for the
+boundaries ("Ġof Ġthe"). Each is scored S(t) = F(t) x len(t). One token at a time, the best candidate takes
+the id of the least frequent removable original token. The score update is overlap-aware and exact for the
 selection-order cover: the corpus keeps a `covered` mask of the occurrences already merged, and choosing t
 subtracts, from every candidate occurrence overlapping a newly merged occurrence of t (contained in it,
-containing it, or sharing a prefix/suffix) and not overlapping an earlier one, one occurrence (S drops by len(t')).
+containing it, or sharing a prefix/suffix) and not overlapping an earlier one, one occurrence (S drops by
+len(t')).
 
-Never touched: special tokens, the chat template's tokens, the byte-level base alphabet, tokens without a merge
-rule, and the pieces of chosen n-grams. Ids stay in place, so the vocabulary size is unchanged. This module
-works on token ids only; it does not read files or models.
+Never touched: special tokens, the chat template's tokens, the byte-level base alphabet, tokens without a
+merge rule, and the pieces of chosen n-grams. Ids stay in place, so the vocabulary size is unchanged. This
+module works on token ids only; it does not read files or models.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class CorpusIndex:
         return np.bincount(self.array[self.array >= 0], minlength=vocab_size)
 
     def ngram_counts(self, n: int, excluded: frozenset[int], min_count: int) -> dict[Ngram, int]:
-        """Counts of every window of n tokens inside one document, without excluded ids, seen min_count times."""
+        """Counts of the n-token windows inside one document, without excluded ids, seen min_count times."""
         counts = Counter(zip(*(self.tokens[i:] for i in range(n)), strict=False))
         return {
             gram: c
@@ -154,8 +155,12 @@ def build_vocab_patch(
     protected_ids: set[int] | frozenset[int],
     config: BuildConfig,
     progress: Callable[[int], None] | None = None,
+    excluded_ngrams: frozenset[Ngram] = frozenset(),
 ) -> tuple[VocabPatch, list[Selection]]:
-    """Run the selection on tokenized documents; returns the patch and the choices in order."""
+    """Run the selection on tokenized documents; returns the patch and the choices in order.
+
+    protected_ids are never evicted; excluded_ngrams (the chat template's own n-grams) are never merged.
+    """
     if config.max_n < 2:
         raise ValueError("max_n must be at least 2")
     index = CorpusIndex(documents, config.max_n)
@@ -163,6 +168,8 @@ def build_vocab_patch(
     candidates: dict[Ngram, int] = {}
     for n in range(2, config.max_n + 1):
         candidates.update(index.ngram_counts(n, bpe.special_ids, config.min_count))
+    for gram in excluded_ngrams:
+        candidates.pop(gram, None)
     selector = NgramSelector(index, candidates, config.max_n)
 
     keep = set(protected_ids) | bpe.special_ids | bpe.base_alphabet_ids
