@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "fusedserve.server.cli",
     "fusedserve.engine.gstack.cli",
     "fusedserve.engine.adaptivocab.cli",
+    "fusedserve.engine.larosa.cli",
 ]
 
 

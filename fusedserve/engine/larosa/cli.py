@@ -1,0 +1,50 @@
+"""`fusedserve larosa calibrate`: build a LaRoSA model folder from a dense Llama folder.
+
+Parses flags into a CalibrationConfig and hands over to calibrate.py; torch and transformers are imported inside
+the handler so `fusedserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("larosa", help="LaRoSA: rotated top-k sparse activations")
+    commands = parser.add_subparsers(dest="larosa_command", required=True)
+    calibrate = commands.add_parser(
+        "calibrate", help="calibrate rotations on real text and write a rotated, sparsity-annotated model folder"
+    )
+    calibrate.add_argument("--model", required=True, help="dense Llama-family model folder (Hugging Face layout)")
+    calibrate.add_argument("--out", required=True, help="output model folder (replaced if it exists)")
+    calibrate.add_argument("--sparsity", type=float, required=True, help="target sparsity, e.g. 0.4")
+    calibrate.add_argument(
+        "--corpus", default=None, help="directory of text files (default: the Python documentation, python-docs)"
+    )
+    calibrate.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    calibrate.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window")
+    calibrate.add_argument("--damping", type=float, default=0.01, help="diagonal damping, times mean(diag H)")
+    calibrate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    calibrate.set_defaults(handler=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from fusedserve.engine.larosa.calibrate import CalibrationConfig, build_larosa_model
+    from fusedserve.engine.larosa.corpus import PYTHON_DOCS, corpus_windows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = CalibrationConfig(
+        sparsity=args.sparsity, corpus=args.corpus, num_tokens=args.tokens, seq_len=args.seq_len,
+        damping=args.damping,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    windows = corpus_windows(args.corpus, tokenizer, "train", args.seq_len, args.tokens)
+    out = build_larosa_model(Path(args.model), Path(args.out), config, windows, args.corpus or PYTHON_DOCS)
+    print(f"wrote {out} ({sum(w.numel() for w in windows)} calibration tokens, sparsity {args.sparsity})")
+    return 0

@@ -1,0 +1,131 @@
+"""Real text for LaRoSA calibration and evaluation: documents from a directory, split by a hash of each path.
+
+The default corpus is the Python documentation (reStructuredText sources of Debian's python3.11-doc: English
+technical prose): the installed package if present, else the unpacked .deb in the fusedserve cache (fetched once
+with `apt-get download` + `dpkg -x`, nothing installed system-wide). Any directory of text files works too. The
+calibration set comes from the train split, perplexity from the held-out split, so they never share a document.
+This module never runs a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusedserve.engine.model.default_model import cache_root
+
+PYTHON_DOCS = "python-docs"
+PYTHON_DOCS_PACKAGE = "python3.11-doc"
+PYTHON_DOCS_SOURCES = Path("usr/share/doc/python3.11/html/_sources")
+TEXT_SUFFIXES = (".txt", ".rst", ".md", ".py")
+HELDOUT_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Document:
+    path: str  # relative to the corpus root; decides the split
+    text: str
+
+
+def ensure_python_docs() -> Path:
+    """The Python documentation sources: installed, else cached, else fetched into the cache."""
+    installed = Path("/") / PYTHON_DOCS_SOURCES
+    if installed.is_dir():
+        return installed
+    dest = cache_root() / "corpora" / PYTHON_DOCS_PACKAGE
+    if not (dest / PYTHON_DOCS_SOURCES).is_dir():
+        _fetch_deb(PYTHON_DOCS_PACKAGE, dest)
+    return dest / PYTHON_DOCS_SOURCES
+
+
+def _fetch_deb(package: str, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fusedserve-deb-") as tmp:
+        result = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if not debs:
+            raise FileNotFoundError(f"could not fetch {package} (try `apt-get update`): {result.stderr[-300:]}")
+        unpack = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
+        try:
+            subprocess.run(["dpkg", "-x", str(debs[0]), str(unpack)], check=True)
+            for child in unpack.iterdir():
+                target = dest / child.name
+                if target.exists():
+                    shutil.rmtree(target)
+                child.rename(target)
+        finally:
+            shutil.rmtree(unpack, ignore_errors=True)
+
+
+def resolve_corpus(corpus: str | Path | None) -> Path:
+    if corpus is None or str(corpus) == PYTHON_DOCS:
+        return ensure_python_docs()
+    path = Path(corpus)
+    if not path.is_dir():
+        raise FileNotFoundError(f"corpus directory {path} does not exist")
+    return path
+
+
+def load_documents(root: Path) -> list[Document]:
+    """Every UTF-8 text file under root with a text suffix, sorted by relative path."""
+    documents = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            documents.append(Document(path.relative_to(root).as_posix(), text))
+    return documents
+
+
+def is_heldout(relative_path: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    digest = hashlib.sha1(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_documents(documents: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(train, held-out); deterministic per path."""
+    train = [doc for doc in documents if not is_heldout(doc.path)]
+    heldout = [doc for doc in documents if is_heldout(doc.path)]
+    return train, heldout
+
+
+def token_windows(
+    documents: list[Document],
+    encode: Callable[[str], list[int]],
+    separator_id: int,
+    seq_len: int,
+    num_tokens: int,
+) -> list[torch.Tensor]:
+    """Consecutive windows of seq_len tokens from the documents joined by `separator_id`, num_tokens in all."""
+    num_windows = max(1, num_tokens // seq_len)
+    needed = num_windows * seq_len
+    stream: list[int] = []
+    for doc in documents:
+        stream.extend(encode(doc.text))
+        stream.append(separator_id)
+        if len(stream) >= needed:
+            break
+    if len(stream) < seq_len:
+        raise ValueError(f"corpus has only {len(stream)} tokens, fewer than one window of {seq_len}")
+    ids = torch.tensor(stream[: (len(stream) // seq_len) * seq_len][:needed], dtype=torch.long)
+    return list(ids.view(-1, seq_len))
+
+
+def corpus_windows(
+    corpus: str | Path | None, tokenizer, split: str, seq_len: int, num_tokens: int
+) -> list[torch.Tensor]:
+    """Token windows of the train or held-out split of a corpus with a Hugging Face tokenizer."""
+    train, heldout = split_documents(load_documents(resolve_corpus(corpus)))
+    documents = train if split == "train" else heldout
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    return token_windows(documents, encode, separator, seq_len, num_tokens)

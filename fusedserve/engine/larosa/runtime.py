@@ -1,0 +1,63 @@
+"""The runtime half of LaRoSA: the linear factory that serves a LaRoSA folder with top-k sparse linears.
+
+`larosa_linear_factory(model_dir)` reads the folder's manifest; where it has a "larosa" entry it returns a
+`make_linear` for `load_llama` that builds `TopKSparseLinear` for q/k/v, o, gate/up and down (k from the sparsity
+plan) and dense linears for everything else (LM head); otherwise None. Dense linears (the LM head, and each
+sparse layer's dense path for large batches) come from the caller's own factory, so the engine's dtype policy
+still applies. The same `sparse_linear_factory`, given
+a plan for an unrotated model, is plain magnitude top-k (TEAL-style), the baseline LaRoSA is measured against.
+This module never decides when the sparse path pays (kernels/sparse_linear.py does, per call).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fusedserve.engine.larosa.sparsity import SparsityPlan, plan_for_arch
+from fusedserve.engine.manifest import read_manifest
+from fusedserve.engine.model.arch import LlamaArch
+from fusedserve.engine.model.loader import LinearFactory, mixed_precision_linear_factory
+from fusedserve.kernels.linear import Linear
+from fusedserve.kernels.sparse_linear import TopKSparseLinear
+
+MANIFEST_KEY = "larosa"
+
+
+def sparse_linear_factory(
+    plan: SparsityPlan, dense: LinearFactory | None = None, backend: str = "auto"
+) -> LinearFactory:
+    """make_linear(name, weight, bias): top-k sparse where the plan sparsifies that module kind, `dense` elsewhere."""
+    dense = dense or mixed_precision_linear_factory
+
+    def make_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        kind = name.rsplit(".", 1)[-1]
+        k = plan.kept(kind, weight.shape[1])
+        dense_layer = dense(name, weight, bias)
+        if k is None or k >= weight.shape[1]:
+            return dense_layer
+        return TopKSparseLinear(weight, bias, k, dense_layer, backend=backend)
+
+    return make_linear
+
+
+def larosa_plan(model_dir: Path, sparsity: float | None = None) -> SparsityPlan | None:
+    """The folder's sparsity plan (or one re-planned for `sparsity`), None for a folder without LaRoSA."""
+    entry = read_manifest(model_dir).get(MANIFEST_KEY)
+    if entry is None:
+        return None
+    if sparsity is None:
+        return SparsityPlan.from_json(entry["plan"])
+    return plan_for_arch(LlamaArch.from_model_dir(model_dir), sparsity)
+
+
+def larosa_linear_factory(
+    model_dir: Path, dense: LinearFactory | None = None, sparsity: float | None = None, backend: str = "auto"
+) -> LinearFactory | None:
+    """The engine's make_linear for a LaRoSA folder (manifest sparsity unless overridden), or None.
+
+    `dense`: the factory for dense layers (default: mixed precision, fp32 for small batches, bf16 for large).
+    """
+    plan = larosa_plan(Path(model_dir), sparsity)
+    return None if plan is None else sparse_linear_factory(plan, dense, backend)

@@ -1,0 +1,210 @@
+// Top-k sparse linear for small batches on the CPU: y[t] = sum_{i in topk(|x[t]|)} x[t, i] * W^T[i, :] (+ bias).
+//
+// Weights come input-major in column tiles (wtile [out / 64, in, 64]: tile b holds W^T[:, 64b:64b+64]), so a kept
+// input channel is 256 contiguous bytes per tile and the kept rows of a tile are read in address order. For a
+// batch the kernel reads each row of the union of kept channels once per tile and accumulates it, in registers,
+// into every token of a group of up to six (AVX-512 where compiled for it, portable loops otherwise);
+// when the union is larger than `max_union_fraction` of the inputs it returns the top-k-masked input instead, for
+// the caller's dense linear (same values up to rounding). Work is split over output tiles with at::parallel_for
+// (torch's thread count); accumulation is fp32.
+// This file never allocates per-channel weight copies and never reads weight rows of dropped channels.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Counts keys >= value; a plain loop the compiler vectorises.
+inline int64_t count_at_least(const uint32_t* key, int64_t in, uint32_t value) {
+  uint32_t count = 0;
+  for (int32_t i = 0; i < static_cast<int32_t>(in); ++i) count += key[i] >= value ? 1u : 0u;
+  return count;
+}
+
+// Marks the k largest-magnitude entries of one token's row in `keep`: exactly k, ties at the threshold broken by
+// index order. The k-th largest magnitude is found bit by bit over the float bit patterns (non-negative floats
+// order like their bits): 31 vectorised counting passes, no data-dependent branches to mispredict.
+void select_topk(const float* x, int64_t in, int64_t k, std::vector<uint32_t>& key, uint8_t* keep) {
+  if (k >= in) {
+    std::fill(keep, keep + in, uint8_t{1});
+    return;
+  }
+  if (k <= 0) return;
+  uint32_t* keys = key.data();
+  for (int64_t i = 0; i < in; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    keys[i] = bits & 0x7fffffffu;
+  }
+  uint32_t threshold = 0;  // grows to the largest value with at least k keys >= it: the k-th largest key
+  for (int bit = 30; bit >= 0; --bit) {
+    const uint32_t candidate = threshold | (1u << bit);
+    if (count_at_least(keys, in, candidate) >= k) threshold = candidate;
+  }
+  int64_t need = k;
+  for (int64_t i = 0; i < in; ++i) {
+    keep[i] = keys[i] > threshold;
+    need -= keep[i];
+  }
+  for (int64_t i = 0; i < in && need > 0; ++i)
+    if (keys[i] == threshold) {
+      keep[i] = 1;
+      --need;
+    }
+}
+
+constexpr int64_t kTile = 64;      // output columns per weight tile: [tiles, in, 64] (input-major inside a tile)
+constexpr int64_t kMaxGroup = 6;   // tokens per register block: 6 tokens x 4 vectors = 24 accumulators
+
+// For NT tokens and one tile: out[t][0:64] = sum_j coef[j][t] * tile[rows[j]][0:64], registers only.
+template <int NT>
+void tile_kernel(const float* tile, const int32_t* rows, const float* coef, int64_t coef_stride, int64_t num_rows,
+                 float* acc /* [NT][64] */) {
+#if defined(__AVX512F__)
+  __m512 sum[NT][4];
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 4; ++v) sum[t][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < num_rows; ++j) {
+    const float* r = tile + static_cast<int64_t>(rows[j]) * kTile;
+    const __m512 r0 = _mm512_loadu_ps(r), r1 = _mm512_loadu_ps(r + 16);
+    const __m512 r2 = _mm512_loadu_ps(r + 32), r3 = _mm512_loadu_ps(r + 48);
+    const float* a = coef + j * coef_stride;
+    for (int t = 0; t < NT; ++t) {
+      const __m512 at = _mm512_set1_ps(a[t]);
+      sum[t][0] = _mm512_fmadd_ps(at, r0, sum[t][0]);
+      sum[t][1] = _mm512_fmadd_ps(at, r1, sum[t][1]);
+      sum[t][2] = _mm512_fmadd_ps(at, r2, sum[t][2]);
+      sum[t][3] = _mm512_fmadd_ps(at, r3, sum[t][3]);
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + t * kTile + 16 * v, sum[t][v]);
+#else
+  float sum[NT][kTile] = {};
+  for (int64_t j = 0; j < num_rows; ++j) {
+    const float* r = tile + static_cast<int64_t>(rows[j]) * kTile;
+    const float* a = coef + j * coef_stride;
+    for (int t = 0; t < NT; ++t)
+      for (int64_t c = 0; c < kTile; ++c) sum[t][c] += a[t] * r[c];
+  }
+  for (int t = 0; t < NT; ++t) std::copy(sum[t], sum[t] + kTile, acc + t * kTile);
+#endif
+}
+
+void run_group(int group, const float* tile, const int32_t* rows, const float* coef, int64_t coef_stride,
+               int64_t num_rows, float* acc) {
+  switch (group) {
+    case 1: return tile_kernel<1>(tile, rows, coef, coef_stride, num_rows, acc);
+    case 2: return tile_kernel<2>(tile, rows, coef, coef_stride, num_rows, acc);
+    case 3: return tile_kernel<3>(tile, rows, coef, coef_stride, num_rows, acc);
+    case 4: return tile_kernel<4>(tile, rows, coef, coef_stride, num_rows, acc);
+    case 5: return tile_kernel<5>(tile, rows, coef, coef_stride, num_rows, acc);
+    default: return tile_kernel<6>(tile, rows, coef, coef_stride, num_rows, acc);
+  }
+}
+
+}  // namespace
+
+// Returns (y [T, out], true) from the sparse path, or (TopK_k(x) [T, in], false) when the union of kept channels
+// exceeds max_union_fraction * in: the caller then runs its dense linear on the masked input. x [T, in] fp32;
+// wtile [out / 64, in, 64] fp32; bias [out] or None; k kept channels per token.
+std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const torch::Tensor& wtile,
+                                                   const c10::optional<torch::Tensor>& bias, int64_t k,
+                                                   double max_union_fraction) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [T, in] float32");
+  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.scalar_type() == torch::kFloat32 &&
+                  wtile.is_contiguous(),
+              "wtile must be [out / 64, in, 64] float32, contiguous");
+  const auto xc = x.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1), out = wtile.size(0) * kTile;
+  TORCH_CHECK(wtile.size(1) == in, "wtile rows must equal x columns");
+  k = std::max<int64_t>(0, std::min<int64_t>(k, in));
+  const float* xp = xc.data_ptr<float>();
+
+  // Per-token keep masks, then the union of kept channels (sorted ascending: rows are read in address order).
+  std::vector<uint8_t> keep(static_cast<size_t>(tokens * in), 0);
+  std::vector<uint32_t> key(static_cast<size_t>(in));
+  for (int64_t t = 0; t < tokens; ++t) select_topk(xp + t * in, in, k, key, keep.data() + t * in);
+  std::vector<int32_t> rows;
+  rows.reserve(static_cast<size_t>(in));
+  for (int64_t i = 0; i < in; ++i) {
+    bool any = false;
+    for (int64_t t = 0; t < tokens && !any; ++t) any = keep[t * in + i] != 0;
+    if (any) rows.push_back(static_cast<int32_t>(i));
+  }
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+
+  if (static_cast<double>(num_rows) > max_union_fraction * static_cast<double>(in)) {
+    auto masked = torch::empty_like(xc);
+    float* mp = masked.data_ptr<float>();
+    for (int64_t n = 0; n < tokens * in; ++n) mp[n] = keep[n] ? xp[n] : 0.0f;
+    return {masked, false};
+  }
+
+  // Coefficients row-major over the union: coef[j][t] = x[t, rows[j]] if token t kept it, else 0.
+  std::vector<float> coef(static_cast<size_t>(num_rows * tokens));
+  for (int64_t j = 0; j < num_rows; ++j)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t n = t * in + rows[j];
+      coef[j * tokens + t] = keep[n] ? xp[n] : 0.0f;
+    }
+
+  auto y = torch::empty({tokens, out}, xc.options());
+  float* yp = y.data_ptr<float>();
+  const float* tiles = wtile.data_ptr<float>();
+  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : torch::Tensor();
+  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  const int64_t num_tiles = out / kTile;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float acc[kMaxGroup * kTile];
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* tile = tiles + b * in * kTile;
+      // Token groups re-read the tile's kept rows; after the first group they come from L2.
+      for (int64_t t0 = 0; t0 < tokens; t0 += kMaxGroup) {
+        const int group = static_cast<int>(std::min<int64_t>(kMaxGroup, tokens - t0));
+        run_group(group, tile, rows.data(), coef.data() + t0, tokens, num_rows, acc);
+        for (int t = 0; t < group; ++t) {
+          float* dst = yp + (t0 + t) * out + b * kTile;
+          for (int64_t c = 0; c < kTile; ++c) dst[c] = acc[t * kTile + c] + (bp ? bp[b * kTile + c] : 0.0f);
+        }
+      }
+    }
+  });
+  return {y, true};
+}
+
+// The top-k-masked input: x with all but the k largest-magnitude entries of each row set to zero (any row count).
+torch::Tensor topk_mask(const torch::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [T, in] float32");
+  const auto xc = x.contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1);
+  k = std::max<int64_t>(0, std::min<int64_t>(k, in));
+  auto masked = torch::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* mp = masked.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<uint32_t> key(static_cast<size_t>(in));
+    std::vector<uint8_t> keep(static_cast<size_t>(in));
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(keep.begin(), keep.end(), uint8_t{0});
+      select_topk(xp + t * in, in, k, key, keep.data());
+      for (int64_t i = 0; i < in; ++i) mp[t * in + i] = keep[i] ? xp[t * in + i] : 0.0f;
+    }
+  });
+  return masked;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk_sparse_linear", &topk_sparse_linear, "top-k sparse linear (tiled input-major weights) or the masked input");
+  m.def("topk_mask", &topk_mask, "zero all but the k largest-magnitude entries of each row");
+}

@@ -1,0 +1,132 @@
+"""Top-k sparse linear layers (LaRoSA, TEAL): per token keep the k largest-magnitude inputs, read only their weights.
+
+One entry, `TopKSparseLinear`, implements the engine's `Linear` interface: y = TopK_k(x) @ W^T + b, where TopK_k
+zeroes all but the k largest |x| of each token. What a layer computes never depends on the path taken; the path
+is a per-call speed choice:
+- sparse: y = sum over kept channels i of x_i * W^T[i, :], reading only those weight rows from an input-major copy.
+  For a batch the rows of the union of the tokens' kept channels are read once. Used for up to SPARSE_MAX_ROWS
+  tokens when the union is at most MAX_UNION_FRACTION[rows] of the inputs (measured break-even points).
+- dense: the top-k-masked input through a dense `Linear` (dense [out, in] layout; by default `DenseLinear`, which
+  switches to a bf16 copy on AMX for larger row counts, so the two paths agree to fp32 or to bf16 rounding).
+Backends: the C++/OpenMP extension (kernels/cpu/sparse_linear.cpp; weights tiled [out/64, in, 64]) where it
+builds, else pure torch (F.embedding_bag over W^T [in, out], which reads per token, not per union).
+This module never changes weights and never decides sparsity levels (engine/larosa/sparsity.py does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from fusedserve.kernels.cpu.extensions import load_cpp_extension
+from fusedserve.kernels.linear import DenseLinear, Linear
+
+CPP_SOURCE = "sparse_linear.cpp"
+CPP_TILE = 64  # output columns per weight tile of the C++ kernel
+SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers the input: always dense
+# Largest union of kept channels (fraction of the inputs) at which the sparse path still beats dense, by row
+# count (the next larger key applies); measured by benchmarks/sparse_linear.py on this machine (fp32, SmolLM2
+# shapes, 1 and 2 threads). The C++ kernel's register-blocked batch path beats MKL's small-M sgemm even at a
+# full union, so its crossover lies above 1.0; the torch path reads k rows per token and only pays at 1 row.
+MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}
+MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
+
+
+def max_union_fraction(table: dict[int, float], rows: int) -> float:
+    """The break-even union fraction for `rows` tokens: the entry of the smallest measured row count >= rows."""
+    for measured in sorted(table):
+        if rows <= measured:
+            return table[measured]
+    return 0.0
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference TopK: x with all but the k largest-magnitude entries of each row set to zero."""
+    if k >= x.shape[-1]:
+        return x
+    if k <= 0:
+        return torch.zeros_like(x)
+    index = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter_(-1, index, x.gather(-1, index))
+
+
+@dataclass
+class SparseLinearStats:
+    """How often each path ran (a layer's own counters; read by benchmarks and tests)."""
+
+    sparse_calls: int = 0
+    dense_calls: int = 0
+
+
+def load_sparse_linear_extension() -> ModuleType | None:
+    """The compiled kernels (topk_sparse_linear, topk_mask), or None where they cannot be built."""
+    return load_cpp_extension(CPP_SOURCE)
+
+
+def resolve_backend(backend: str, weight: torch.Tensor) -> tuple[str, ModuleType | None]:
+    """("cpp", module) where the extension loads and suits the weight, else ("torch", None)."""
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"unknown sparse linear backend {backend!r} (auto, cpp, torch)")
+    suits = weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape[0] % CPP_TILE == 0
+    if backend != "torch" and suits:
+        module = load_sparse_linear_extension()
+        if module is not None:
+            return "cpp", module
+    if backend == "cpp":
+        raise RuntimeError("the C++ sparse linear backend is unavailable for this weight (fp32, out % 64, g++)")
+    return "torch", None
+
+
+class TopKSparseLinear:
+    """y = TopK_k(x) @ W^T + b with a per-call choice between the sparse and the dense path (same values)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        k: int,
+        dense: Linear | None = None,
+        backend: str = "auto",
+        union_table: dict[int, float] | None = None,
+    ) -> None:
+        """`dense` computes the same weight densely (default: DenseLinear(weight, bias)); used on masked inputs."""
+        self.out_features, self.in_features = weight.shape
+        self.k = max(0, min(int(k), self.in_features))
+        self.bias = bias
+        self.dense = dense if dense is not None else DenseLinear(weight, bias)
+        self.backend, self._ext = resolve_backend(backend, weight)
+        self.stats = SparseLinearStats()
+        self._union_table = union_table if union_table is not None else MAX_UNION_FRACTION_CPP
+        if self._ext is not None:
+            # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 256 contiguous bytes per tile.
+            tiles = self.out_features // CPP_TILE
+            self.weight_tiles = weight.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).contiguous()
+        else:
+            self.weight_t = weight.t().contiguous()  # [in, out]: kept channel i is row i
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if self._ext is not None:
+            if rows <= SPARSE_MAX_ROWS:
+                fraction = max_union_fraction(self._union_table, rows)
+                out, used_sparse = self._ext.topk_sparse_linear(x, self.weight_tiles, self.bias, self.k, fraction)
+                self._count(used_sparse)
+                return out if used_sparse else self.dense(out)
+            self._count(False)
+            return self.dense(self._ext.topk_mask(x, self.k))
+        if rows == 1 and self.k <= MAX_KEPT_FRACTION_TORCH * self.in_features:
+            self._count(True)
+            index = x.abs().topk(self.k, dim=-1, sorted=False).indices
+            y = F.embedding_bag(index, self.weight_t, per_sample_weights=x.gather(-1, index), mode="sum")
+            return y if self.bias is None else y + self.bias
+        self._count(False)
+        return self.dense(topk_mask(x, self.k))
+
+    def _count(self, used_sparse: bool) -> None:
+        if used_sparse:
+            self.stats.sparse_calls += 1
+        else:
+            self.stats.dense_calls += 1

@@ -1,0 +1,146 @@
+"""LaRoSA offline half: rotations absorbed into a model keep its logits; calibration writes a loadable folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusedserve.engine.larosa.absorb import absorb_rotations, rotations_from_covariances
+from fusedserve.engine.larosa.calibrate import (
+    CalibrationConfig,
+    build_larosa_model,
+    fp32_dense_factory,
+    run_window,
+)
+from fusedserve.engine.larosa.runtime import larosa_linear_factory
+from fusedserve.engine.manifest import read_manifest
+from fusedserve.engine.model.arch import LlamaArch
+from fusedserve.engine.model.llama import LlamaModel
+from fusedserve.engine.model.loader import load_llama, read_state_dict
+from fusedserve.kernels.attention import SlotBatch
+from fusedserve.kernels.sparse_linear import TopKSparseLinear
+
+torch.set_num_threads(1)
+
+
+def write_tiny_llama(out: Path, dtype: torch.dtype = torch.float64, seed: int = 0) -> Path:
+    """A 3-layer random Llama (GQA, tied embeddings, non-unit norm scales) as a Hugging Face folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    d, ffn, heads, kv_heads, head_dim, vocab = 64, 128, 4, 2, 16, 97
+
+    def randn(*shape: int, scale: float = 0.1) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    state = {"model.embed_tokens.weight": randn(vocab, d, scale=1.0), "model.norm.weight": 1 + randn(d)}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = 1 + randn(d, scale=0.3)
+        state[p + "post_attention_layernorm.weight"] = 1 + randn(d, scale=0.3)
+        state[p + "self_attn.q_proj.weight"] = randn(heads * head_dim, d)
+        state[p + "self_attn.k_proj.weight"] = randn(kv_heads * head_dim, d)
+        state[p + "self_attn.v_proj.weight"] = randn(kv_heads * head_dim, d)
+        state[p + "self_attn.o_proj.weight"] = randn(d, heads * head_dim)
+        state[p + "mlp.gate_proj.weight"] = randn(ffn, d)
+        state[p + "mlp.up_proj.weight"] = randn(ffn, d)
+        state[p + "mlp.down_proj.weight"] = randn(d, ffn)
+    save_file(state, str(out / "model.safetensors"))
+    config = {
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": d, "intermediate_size": ffn,
+        "num_hidden_layers": 3, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": True, "eos_token_id": 2,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def logits_of(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
+    arch, n = model.arch, ids.shape[0]
+    keys = [torch.zeros(1, n, arch.num_kv_heads, arch.head_dim, dtype=model.dtype) for _ in model.layers]
+    values = [torch.zeros_like(k) for k in keys]
+    hidden = model.forward(ids, SlotBatch.build([0], [n], [n]), keys, values)
+    return model.lm_head(hidden)
+
+
+def random_rotations(num: int, d: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0] for _ in range(num)]
+
+
+def save_rotated(source: Path, out: Path, rotations: list[torch.Tensor], dtype: torch.dtype) -> Path:
+    arch = LlamaArch.from_model_dir(source)
+    state = absorb_rotations(read_state_dict(source), arch, rotations, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text()) | {"tie_word_embeddings": False}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_rotated_tiny_llama_reproduces_logits_in_float64(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense")
+    rotated = save_rotated(source, tmp_path / "rotated", random_rotations(3, 64), torch.float64)
+    ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(2))
+    expected = logits_of(load_llama(source, torch.float64), ids)
+    got = logits_of(load_llama(rotated, torch.float64), ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_rotated_model_has_folded_norms_untied_head_and_adapters(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense")
+    model = load_llama(save_rotated(source, tmp_path / "rotated", random_rotations(3, 64), torch.float64))
+    assert model.final_norm is None
+    assert all(layer.input_norm is None and layer.post_attention_norm is None for layer in model.layers)
+    assert model.layers[0].residual_adapter is None
+    assert all(layer.residual_adapter is not None for layer in model.layers[1:])
+    assert not torch.equal(model.lm_head.weight, model.embed_tokens)
+
+
+def test_calibrated_rotations_are_orthogonal_eigenbases() -> None:
+    x = torch.randn(500, 16, dtype=torch.float64) * torch.linspace(0.1, 3.0, 16, dtype=torch.float64)
+    (q,) = rotations_from_covariances([x.T @ x], damping=0.01)
+    torch.testing.assert_close(q.T @ q, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-12)
+    variances = ((x @ q) ** 2).sum(0)
+    assert torch.all(variances[:-1] >= variances[1:]), "principal directions come first"
+
+
+def test_calibrate_writes_folder_manifest_and_sparse_factory(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
+    windows = list(torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(3)))
+    out = build_larosa_model(source, tmp_path / "larosa", CalibrationConfig(sparsity=0.4), windows, "random",
+                             progress=False)
+    entry = read_manifest(out)["larosa"]
+    assert entry["sparsity"] == 0.4 and entry["transformers_loadable"] is False
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    ids = windows[0]
+    expected = logits_of(load_llama(source), ids)
+    torch.testing.assert_close(logits_of(load_llama(out), ids), expected, rtol=0, atol=2e-4)
+    factory = larosa_linear_factory(out)
+    assert factory is not None and larosa_linear_factory(source) is None
+    sparse = load_llama(out, make_linear=factory)
+    assert isinstance(sparse.layers[0].qkv_proj, TopKSparseLinear)
+    assert sparse.layers[0].qkv_proj.k == 64 - round(entry["plan"]["module_sparsity"]["qkv_proj"] * 64)
+    assert not isinstance(sparse.lm_head, TopKSparseLinear)
+    run_window(sparse, ids)  # the sparse model runs end to end
+
+
+@pytest.mark.slow
+def test_rotated_smollm2_reproduces_logits_in_float32(tmp_path: Path) -> None:
+    from fusedserve.engine.model.default_model import ensure_default_model
+
+    source = ensure_default_model()
+    ids = torch.arange(100, 164)
+    dense = load_llama(source, max_positions=64, make_linear=fp32_dense_factory)  # no bf16 prefill
+    expected = logits_of(dense, ids)
+    del dense
+    windows = [torch.arange(1000, 1128)]
+    out = build_larosa_model(source, tmp_path / "larosa", CalibrationConfig(sparsity=0.4), windows, "ids",
+                             progress=False)
+    got = logits_of(load_llama(out, max_positions=64, make_linear=fp32_dense_factory), ids)
+    assert (got - expected).abs().max().item() < 1e-3 * expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,109 @@
+"""Top-k sparse linear: both backends and both paths equal the masked dense reference on the kept channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedserve.kernels.linear import DenseLinear
+from fusedserve.kernels.sparse_linear import (
+    TopKSparseLinear,
+    load_sparse_linear_extension,
+    max_union_fraction,
+    topk_mask,
+)
+
+torch.set_num_threads(1)
+needs_cpp = pytest.mark.skipif(load_sparse_linear_extension() is None, reason="C++ extension unavailable")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> torch.Tensor:
+    """float64 (TopK_k(x)) @ W^T + b: only the k largest |x| of each row contribute."""
+    y = topk_mask(x.double(), k) @ weight.double().T
+    return y if bias is None else y + bias.double()
+
+
+def make(out_features: int = 192, in_features: int = 160, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(out_features, in_features, generator=gen), torch.randn(out_features, generator=gen)
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 16])
+@pytest.mark.parametrize("k", [1, 40, 159, 160])
+def test_cpp_sparse_path_equals_masked_dense_reference(rows: int, k: int) -> None:
+    weight, bias = make()
+    layer = TopKSparseLinear(weight, bias, k, backend="cpp", union_table={16: 2.0})
+    x = torch.randn(rows, 160)
+    torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, k), rtol=1e-5, atol=1e-4)
+    assert layer.stats.sparse_calls == 1 and layer.stats.dense_calls == 0
+
+
+@needs_cpp
+def test_cpp_sparse_path_never_reads_weight_rows_of_dropped_channels() -> None:
+    weight, _ = make()
+    x = torch.zeros(2, 160)
+    x[0, [3, 50, 99]] = torch.tensor([2.0, -3.0, 1.5])
+    x[1, [50, 120, 7]] = torch.tensor([-1.0, 4.0, 0.5])
+    poisoned = weight.clone()
+    dropped = [i for i in range(160) if i not in (3, 7, 50, 99, 120)]
+    poisoned[:, dropped] = float("nan")
+    layer = TopKSparseLinear(poisoned, None, 3, backend="cpp", union_table={16: 2.0})
+    torch.testing.assert_close(layer(x).double(), reference(x, weight, None, 3), rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
+def test_cpp_dense_fallback_gives_the_same_values() -> None:
+    weight, bias = make()
+    dense = DenseLinear(weight, bias, bf16_min_rows=None)
+    layer = TopKSparseLinear(weight, bias, 64, dense, backend="cpp", union_table={16: 0.0})
+    x = torch.randn(4, 160)
+    torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, 64), rtol=1e-5, atol=1e-4)
+    assert layer.stats.dense_calls == 1 and layer.stats.sparse_calls == 0
+
+
+@needs_cpp
+def test_cpp_topk_mask_keeps_exactly_k_largest_magnitudes_per_row() -> None:
+    x = torch.randn(37, 300)
+    masked = load_sparse_linear_extension().topk_mask(x, 120)
+    assert torch.equal(masked, topk_mask(x, 120))
+    assert torch.all((masked != 0).sum(-1) == 120)
+
+
+@needs_cpp
+def test_cpp_topk_breaks_ties_to_exactly_k() -> None:
+    x = torch.ones(2, 64)
+    masked = load_sparse_linear_extension().topk_mask(x, 10)
+    assert torch.all((masked != 0).sum(-1) == 10)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_many_rows_take_the_dense_path_with_the_same_mask(backend: str) -> None:
+    weight, bias = make()
+    layer = TopKSparseLinear(weight, bias, 50, DenseLinear(weight, bias, bf16_min_rows=None), backend=backend)
+    x = torch.randn(40, 160)  # a prefill chunk: more rows than any sparse path takes
+    torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, 50), rtol=1e-5, atol=1e-4)
+    assert layer.stats.dense_calls == 1
+
+
+def test_torch_backend_single_token_equals_reference() -> None:
+    weight, bias = make()
+    layer = TopKSparseLinear(weight, bias, 60, backend="torch")
+    x = torch.randn(1, 160)
+    torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, 60), rtol=1e-5, atol=1e-4)
+    assert layer.stats.sparse_calls == 1
+
+
+def test_torch_backend_is_used_where_the_cpp_kernel_does_not_fit() -> None:
+    weight, _ = make(out_features=100)  # not a multiple of the 64-column tile
+    assert TopKSparseLinear(weight, None, 10).backend == "torch"
+    with pytest.raises(RuntimeError):
+        TopKSparseLinear(weight, None, 10, backend="cpp")
+
+
+def test_union_fraction_table_uses_the_next_measured_row_count() -> None:
+    table = {1: 0.9, 4: 0.7, 16: 0.5}
+    assert max_union_fraction(table, 1) == 0.9
+    assert max_union_fraction(table, 3) == 0.7
+    assert max_union_fraction(table, 16) == 0.5
+    assert max_union_fraction(table, 17) == 0.0
