@@ -31,6 +31,14 @@ from fusedserve.engine.gstack.model_folder import (
 from fusedserve.engine.gstack.report import compute_speedup, curve_json, plot_curves, read_curve
 from fusedserve.engine.gstack.train import TrainConfig, TrainOutcome, train
 
+METHOD_NOTE = (
+    "All runs share one FLOPs budget C = 6 x params x tokens (Gstack: base phase on the L-layer model "
+    "plus the grown phase). speedup = F_scratch / F_gstack - 1, F_scratch being the FLOPs at which a "
+    "from-scratch held-out curve (scratch, or scratch_long = the same model on a longer cosine schedule) "
+    "first reaches Gstack's final held-out loss, interpolated linearly between evaluations; lower_bound = "
+    "true when no scratch curve reaches it. Held-out loss: nats per byte on files never trained on."
+)
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -208,6 +216,7 @@ class Experiment:
                 "final_loss_small": curves["small"][-1].heldout_loss,
                 "total_flops": exp.budget_flops,
             }
+        result["method"] = METHOD_NOTE
         result["setup"] = self._setup()
         result["runtime_s"] = self._runtimes()
         result["curves"] = {name: curve_json(curve) for name, curve in curves.items()}
