@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CollectorRegistry
 
 import fusedserve
 from fusedserve.server.config import ServerConfig
@@ -17,9 +18,12 @@ from fusedserve.server.routes import router
 from fusedserve.server.state import EngineClient, ServerState
 
 
-def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+def create_app(
+    engine: EngineClient, config: ServerConfig, metrics_registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """`metrics_registry`: what GET /metrics serves (the engine observer's); None: the default registry."""
     app = FastAPI(title="fusedserve", version=fusedserve.__version__)
-    app.state.server = ServerState(engine=engine, config=config)
+    app.state.server = ServerState(engine=engine, config=config, metrics_registry=metrics_registry)
     app.include_router(router)
     install_error_handlers(app)
     # add_middleware wraps what is already there: the last one added runs first.

@@ -140,6 +140,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from fusedserve.engine.async_engine import AsyncEngine
     from fusedserve.server.app import create_app
+    from fusedserve.server.metrics import EngineMetrics
 
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=log_format)
@@ -148,9 +149,10 @@ def serve(args: argparse.Namespace) -> int:
     engine_config = build_engine_config(args, model_dir, names[0])
     server_config = build_server_config(args, model_dir, names)
     logger.info("loading %s from %s", names[0], model_dir)
-    engine = AsyncEngine.from_config(engine_config)
+    metrics = EngineMetrics.for_model(model_dir, names[0], engine_config.scheduler.max_model_len)
+    engine = AsyncEngine.from_config(engine_config, observer=metrics)
     try:
-        app = create_app(engine, server_config)
+        app = create_app(engine, server_config, metrics.registry)
         uvicorn_config = uvicorn.Config(
             app,
             host=args.host,

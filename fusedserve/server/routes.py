@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 import fusedserve
@@ -120,6 +120,6 @@ async def version() -> VersionResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
-    """Everything registered in prometheus-client's default registry (the engine observer's metrics)."""
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    """The server's metrics registry: the engine observer's vllm:* and fusedserve:* metrics."""
+    return Response(generate_latest(server_state(request).registry), media_type=CONTENT_TYPE_LATEST)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.requests import Request
 
 from fusedserve.engine.async_engine import GenerationChunk
@@ -42,7 +43,12 @@ class EngineClient(Protocol):
 class ServerState:
     engine: EngineClient
     config: ServerConfig
+    metrics_registry: CollectorRegistry | None = None  # None: prometheus-client's default registry
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics_registry if self.metrics_registry is not None else REGISTRY
 
     @property
     def model_name(self) -> str:
