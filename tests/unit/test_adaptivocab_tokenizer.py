@@ -51,7 +51,10 @@ def test_decode_of_encode_round_trips(adapted: dict, text: str) -> None:
 def test_long_text_is_encoded_like_the_original_tokenizer_before_merging(adapted: dict) -> None:
     tokenizer = load_tokenizer(adapted["out"])
     text = "\n".join(domain_text(seed) for seed in range(40)) + "\n\n  tail  \n"
-    assert len(text) > 8192 and "".join(split_at_line_ends(text)) == text
+    assert len(text) > 16384 and "".join(split_at_line_ends(text)) == text
+    pieces = split_at_line_ends(text, target_chars=100)
+    assert "".join(pieces) == text and len(pieces) > 100
+    assert [i for p in pieces for i in tokenizer.base.encode(p)] == tokenizer.base.encode(text)
     original = tokenizer.base.encode(text)
     assert tokenizer.encode_original(text) == original
     assert tokenizer.decode(tokenizer.encode(text)) == text
