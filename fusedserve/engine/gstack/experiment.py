@@ -28,7 +28,13 @@ from fusedserve.engine.gstack.model_folder import (
     create_random_model,
     load_model,
 )
-from fusedserve.engine.gstack.report import compute_speedup, curve_json, plot_curves, read_curve
+from fusedserve.engine.gstack.report import (
+    compute_speedup,
+    curve_json,
+    flops_to_reach,
+    plot_curves,
+    read_curve,
+)
 from fusedserve.engine.gstack.train import TrainConfig, TrainOutcome, train
 
 METHOD_NOTE = (
@@ -91,6 +97,22 @@ def train_config(exp: ExperimentConfig, steps: int, offset_tokens: int = 0) -> T
 
 def steps_for(flops: float, params: int, exp: ExperimentConfig) -> int:
     return max(1, round(flops / (6.0 * params * exp.batch_size * exp.seq_len)))
+
+
+def speedup_records(curves: dict[str, list]) -> dict:
+    """sp at Gstack's final loss, and the reverse view: Gstack's FLOPs to reach scratch's final loss."""
+    sp = compute_speedup(curves["gstack"], [curves["scratch"], curves["scratch_long"]])
+    scratch_final = curves["scratch"][-1]
+    to_scratch_final = flops_to_reach(curves["gstack"], scratch_final.heldout_loss)
+    reverse = None if to_scratch_final is None else scratch_final.flops / to_scratch_final - 1
+    return {
+        "speedup": asdict(sp),
+        "speedup_reverse": {
+            "definition": "C / (FLOPs Gstack needs to reach scratch's final loss at budget C) - 1",
+            "gstack_flops_to_scratch_final_loss": to_scratch_final,
+            "speedup": reverse,
+        },
+    }
 
 
 class Experiment:
@@ -205,16 +227,20 @@ class Experiment:
         if complete and not done["scratch_long"] and not self.scratch_long_needed():
             result["scratch_long"] = "not run: scratch reaches Gstack's final loss within the equal budget"
         if done["scratch"] and done["gstack"]:
-            sp = compute_speedup(curves["gstack"], [curves["scratch"], curves["scratch_long"]])
-            result["speedup"] = asdict(sp)
+            result |= speedup_records(curves)
         if complete:
+            final = {name: curves[name][-1].heldout_loss for name in ("gstack", "scratch", "small")}
             result["summary"] = {
                 "speedup": result["speedup"]["speedup"],
                 "speedup_is_lower_bound": result["speedup"]["lower_bound"],
-                "final_loss_gstack": curves["gstack"][-1].heldout_loss,
-                "final_loss_scratch": curves["scratch"][-1].heldout_loss,
-                "final_loss_small": curves["small"][-1].heldout_loss,
+                "final_loss_gstack": final["gstack"],
+                "final_loss_scratch": final["scratch"],
+                "final_loss_small": final["small"],
                 "total_flops": exp.budget_flops,
+            }
+            result["checks"] = {
+                "deep_scratch_beats_small": final["scratch"] < final["small"],
+                "gstack_beats_scratch_at_equal_flops": final["gstack"] < final["scratch"],
             }
         result["method"] = METHOD_NOTE
         result["setup"] = self._setup()

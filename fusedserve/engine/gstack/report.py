@@ -70,7 +70,7 @@ def curve_json(curve: list[CurvePoint]) -> list[dict]:
 
 
 def plot_curves(curves: dict[str, list[CurvePoint]], path: Path, title: str, zoom: bool) -> None:
-    """Held-out loss against training FLOPs, one line per run (zoom: the last 70% of the FLOPs axis)."""
+    """Held-out loss against training FLOPs, one line per run (log FLOPs axis; zoom: linear, last 70%)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,13 +78,15 @@ def plot_curves(curves: dict[str, list[CurvePoint]], path: Path, title: str, zoo
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, curve in curves.items():
-        points = [p for p in curve if not zoom or p.flops > 0]
+        points = [p for p in curve if p.flops > 0]
         ax.plot([p.flops for p in points], [p.heldout_loss for p in points], label=name, marker=".", ms=3)
     finals = [c[-1].heldout_loss for c in curves.values() if c]
     if zoom and finals:
         longest = max(c[-1].flops for c in curves.values() if c)
         ax.set_xlim(0.3 * longest, 1.02 * longest)
         ax.set_ylim(min(finals) - 0.03, min(finals) + 0.45)
+    if not zoom:
+        ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (6 x params x tokens, base phase included)")
     ax.set_ylabel("held-out loss (nats / byte)")
     ax.set_title(title)
