@@ -1,75 +1,63 @@
-"""Incremental, UTF-8-safe detokenization for streaming: turns each step's new token ids into new text.
+"""Incremental detokenization: token ids in, text deltas out, one request at a time.
 
-Byte-level BPE splits multi-byte characters (emoji, CJK) across tokens, and a token's leading space depends on its
-neighbour, so decoding tokens one at a time is wrong. Like vLLM, this keeps two offsets into the token list: text
-is decoded over a short window starting at `prefix_offset`, and only what goes beyond the window's already-emitted
-part is new. Text ending in U+FFFD (an incomplete character) is held back until the next token completes it.
-It only calls `Tokenizer.decode`, so any tokenizer (AdaptiVocab's PatchTokenizer too) works; it never decodes the
-whole sequence per token.
+Each new token is decoded together with the tokens of the previous delta (a short window, as vLLM's
+prefix_offset/read_offset do), and the delta is the text past the window's old text. The window keeps
+tokenizer-dependent spacing right (a SentencePiece word's leading space only survives when it is not first in
+a decode) at a cost independent of the sequence length. A delta is held back while the window's text ends in
+U+FFFD, the mark of a partial UTF-8 character (byte-level BPE splits emoji and CJK across tokens).
+
+It only calls Tokenizer.decode, works for any Tokenizer, and must never emit part of a multi-byte character
+of valid text, nor decode the whole sequence per token.
 """
 
 from __future__ import annotations
 
 from fusedserve.engine.tokenizer import Tokenizer
 
-# How many tokens before the first new one give enough context for spacing and merged characters.
-CONTEXT_TOKENS = 6
-REPLACEMENT_CHAR = "\ufffd"
+PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded ahead of the first output token (for its leading space)
+MAX_HELD_TOKENS = 8  # a partial character longer than this is not one: it is emitted as U+FFFD
+REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = list(prompt_token_ids[-CONTEXT_TOKENS:])
-        self.prefix_offset = 0  # window start
-        self.read_offset = len(self.token_ids)  # tokens before this are already emitted
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        # tokens[prefix_offset:read_offset] produced the last delta; tokens[read_offset:] are not shown yet.
+        self._tokens = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._tokens)
+        if self._decode(0, self._read_offset).endswith(REPLACEMENT):
+            # The prompt ends inside a character: as context it would misalign the first delta.
+            self._tokens, self._read_offset = [], 0
 
     def push(self, new_token_ids: list[int]) -> str:
-        """Add tokens; return the text they complete (possibly empty while a character is still incomplete)."""
-        if not new_token_ids:
-            return ""
-        self.token_ids.extend(new_token_ids)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset :])
-        if full_text.endswith(REPLACEMENT_CHAR) or len(full_text) <= len(prefix_text):
-            return ""  # an incomplete character (or nothing visible yet): wait for more tokens
-        if not full_text.startswith(prefix_text):
-            # Rare: the new tokens changed how earlier bytes decode; emit only what is visibly new.
-            common = _common_prefix_length(prefix_text, full_text)
-            delta = full_text[common:]
-        else:
-            delta = full_text[len(prefix_text) :]
-        self._advance()
-        return delta
-
-    def _advance(self) -> None:
-        # Keep a bounded window: the emitted tokens before read_offset stay only as context.
-        self.read_offset = len(self.token_ids)
-        self.prefix_offset = max(0, self.read_offset - CONTEXT_TOKENS)
-        if self.prefix_offset > 4 * CONTEXT_TOKENS:
-            drop = self.prefix_offset
-            self.token_ids = self.token_ids[drop:]
-            self.prefix_offset -= drop
-            self.read_offset -= drop
+        """Text that the new tokens complete; may be "" while a character is still partial."""
+        deltas = []
+        for token_id in new_token_ids:
+            self._tokens.append(token_id)
+            deltas.append(self._advance(force=False))
+        return "".join(deltas)
 
     def flush(self) -> str:
-        """Whatever is still held back when generation ends (an incomplete character decodes as U+FFFD)."""
-        if self.read_offset >= len(self.token_ids):
+        """Everything still held back (at the end of generation), partial characters as U+FFFD."""
+        return self._advance(force=True)
+
+    def _advance(self, force: bool) -> str:
+        shown = self._decode(self._prefix_offset, self._read_offset)
+        text = self._decode(self._prefix_offset, len(self._tokens))
+        held = len(self._tokens) - self._read_offset
+        if not force and text.endswith(REPLACEMENT) and held <= MAX_HELD_TOKENS:
             return ""
-        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset :])
-        self._advance()
-        return full_text[_common_prefix_length(prefix_text, full_text) :]
+        delta = text[len(shown):] if text.startswith(shown) else text
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+        if self._prefix_offset > 0:  # keep only the window, so memory and work stay bounded
+            del self._tokens[: self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
+        return delta
 
-
-def _common_prefix_length(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    def _decode(self, start: int, end: int) -> str:
+        if start >= end:
+            return ""
+        return self.tokenizer.decode(self._tokens[start:end], skip_special_tokens=self.skip_special_tokens)

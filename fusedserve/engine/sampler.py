@@ -3,9 +3,10 @@
 Per row: logit_bias -> repetition penalty (prompt + output) -> presence and frequency penalties (output) ->
 min_tokens mask -> greedy argmax, or temperature -> min_p, top_k, top_p -> one inverse-CDF draw. Logprobs
 come from the raw logits. Work is vectorised over the batch: the bias/penalty/mask edits are sparse index
-writes, and argmax, top-k and draws use the block ops of sampler_blocks. A min_p/top_k/top_p row is decided
-among its NUM_CANDIDATES best tokens whenever that is exact, so only temperature-only and top-p rows pay for
-an exp over the whole vocabulary.
+writes, and argmax, top-k and draws use the block ops of sampler_blocks (no full-row torch argmax, topk or
+sort: on a CPU they cost 5-100x more). A min_p/top_k row is decided among its NUM_CANDIDATES best tokens
+whenever that is exact; other random rows pay one exp over their row, and a top-p row then sorts only the
+weights that can reach its nucleus.
 A seeded request draws exactly one uniform per random step from its own generator (`Request.generator`),
 so its tokens never depend on the rest of the batch; unseeded requests share the sampler's generator.
 
@@ -15,6 +16,7 @@ never decide that a request stops (the engine does) and never touch the tokenize
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ class _TokenHistory:
 class _LogitEdits:
     """Sparse writes into the flat [B*V] logits, in application order; `touched` holds every index written."""
 
+    rows: list[int]  # the batch rows that have any edit
     bias_at: torch.Tensor
     bias: torch.Tensor
     repeat_at: torch.Tensor
@@ -70,20 +73,40 @@ class _LogitEdits:
         return torch.cat([self.bias_at, self.repeat_at, self.penalty_at, self.mask_at])
 
 
+class _Segments:
+    """Id tensors of several rows, concatenated into flat [B*V] indices with one value per row spread over its
+    ids (built with three tensor ops, however many rows)."""
+
+    def __init__(self, vocab: int, fields: int) -> None:
+        self.vocab = vocab
+        self.parts: list[torch.Tensor] = []
+        self.offsets: list[int] = []
+        self.lengths: list[int] = []
+        self.values: list[list[float]] = [[] for _ in range(fields)]
+
+    def add(self, row: int, ids: torch.Tensor, *values: float) -> None:
+        self.parts.append(ids)
+        self.offsets.append(row * self.vocab)
+        self.lengths.append(len(ids))
+        for field, value in zip(self.values, values, strict=True):
+            field.append(value)
+
+    def flat_ids(self) -> torch.Tensor:
+        if not self.parts:
+            return torch.empty(0, dtype=torch.long)
+        lengths = torch.tensor(self.lengths)
+        return torch.cat(self.parts) + torch.tensor(self.offsets).repeat_interleave(lengths)
+
+    def spread(self, field: int) -> torch.Tensor:
+        return torch.tensor(self.values[field]).repeat_interleave(torch.tensor(self.lengths, dtype=torch.long))
+
+
 def _truncates(params: SamplingParams, vocab_size: int) -> bool:
     return 0 < params.top_k < vocab_size or params.top_p < 1.0 or params.min_p > 0.0
 
 
 def _int64_seed(seed: int) -> int:
     return (seed + 2**63) % 2**64 - 2**63
-
-
-def _longs(values: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(values) if values else torch.empty(0, dtype=torch.long)
-
-
-def _floats(values: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(values) if values else torch.empty(0)
 
 
 class Sampler:
@@ -101,6 +124,7 @@ class Sampler:
         self._counts = torch.zeros(0)  # scratch [B*V] for output-token counts, all zero between calls
 
     # -- the step ------------------------------------------------------------------------------------------
+    @torch.inference_mode()  # the model's logits are inference tensors: edits in place need this mode
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         if logits.dim() != 2 or logits.shape[0] != len(requests) or logits.shape[1] != self.vocab_size:
             expected = f"{len(requests)} requests x vocab {self.vocab_size}"
@@ -108,33 +132,43 @@ class Sampler:
         raw = logits.float().contiguous()
         flat = raw.view(-1)
         edits = self._plan_edits(requests)
-        saved = flat[edits.touched] if edits else None
+        touched = edits.touched if edits else torch.empty(0, dtype=torch.long)
+        saved = flat[touched]
         try:
             if edits:
                 self._apply_edits(flat, edits)
-            tokens = self._choose(raw, requests, edits, saved)
+            xb = to_blocks(raw)
+            block_max = xb.amax(-1)
+            dead = torch.isneginf(block_max.amax(-1)) if edits else None
+            if dead is not None and bool(dead.any()):
+                # Edits masked every id of some row: that row falls back to its raw logits.
+                undo = dead[touched // self.vocab_size]
+                flat[touched[undo]] = saved[undo]
+                xb = to_blocks(raw)
+                block_max = xb.amax(-1)
+            tokens = self._choose(xb, block_max, requests)
         finally:
-            if edits:
-                flat[edits.touched] = saved
+            flat[touched] = saved
         results = [SampleResult(token_id) for token_id in tokens.tolist()]
         wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         if wanted:
-            for i, logprobs in zip(wanted, self._logprobs(raw, wanted, requests, tokens), strict=True):
-                results[i].logprobs = logprobs
+            stale = set(edits.rows) if edits else set()
+            logprobs = self._logprobs(raw, block_max, stale, wanted, requests, tokens)
+            for i, entry in zip(wanted, logprobs, strict=True):
+                results[i].logprobs = entry
         return results
 
-    def _choose(self, x: torch.Tensor, requests: list[Request], edits: _LogitEdits | None,
-                saved: torch.Tensor | None) -> torch.Tensor:
-        xb = to_blocks(x)
-        block_max = xb.amax(-1)
-        if edits is not None and saved is not None:
-            dead = torch.isneginf(block_max.amax(-1))
-            if bool(dead.any()):  # edits masked every id of a row: that row falls back to its raw logits
-                touched = edits.touched
-                undo = dead[touched // x.shape[1]]
-                x.view(-1)[touched[undo]] = saved[undo]
-                xb = to_blocks(x)
-                block_max = xb.amax(-1)
+    def edited_logits(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """A copy of logits with logit_bias, penalties and the min_tokens mask applied: what temperature and
+        truncation then see (for inspection and tests; sample() does the same without copying)."""
+        with torch.inference_mode():
+            x = logits.float().clone(memory_format=torch.contiguous_format)
+            edits = self._plan_edits(requests)
+            if edits:
+                self._apply_edits(x.view(-1), edits)
+        return x.clone()  # outside inference mode: an ordinary tensor
+
+    def _choose(self, xb: torch.Tensor, block_max: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy) == len(requests):
             return block_argmax(xb, block_max, torch.arange(len(requests)))
@@ -149,30 +183,39 @@ class Sampler:
     # -- logits edits: bias, penalties, min_tokens -----------------------------------------------------------
     def _plan_edits(self, requests: list[Request]) -> _LogitEdits | None:
         vocab = self.vocab_size
-        bias_at, bias, repeat_at, repeat_by, penalty_at, frequency, presence, mask_at = ([] for _ in range(8))
+        repeat, penalty = _Segments(vocab, 1), _Segments(vocab, 2)
+        bias_at: list[int] = []
+        bias: list[float] = []
+        mask_at: list[int] = []
+        rows: list[int] = []
         for i, request in enumerate(requests):
             params = request.params
-            if params.logit_bias:
-                items = [(int(t), float(b)) for t, b in params.logit_bias.items() if 0 <= int(t) < vocab]
-                bias_at.append(torch.tensor([t + i * vocab for t, _ in items], dtype=torch.long))
-                bias.append(torch.tensor([b for _, b in items]))
+            penalised = bool(params.presence_penalty or params.frequency_penalty) and bool(request.output_token_ids)
+            masked = request.num_output_tokens < params.min_tokens
+            if not (params.logit_bias or params.repetition_penalty != 1.0 or penalised or masked):
+                continue
+            rows.append(i)
+            for token, value in params.logit_bias.items():
+                if 0 <= int(token) < vocab:
+                    bias_at.append(int(token) + i * vocab)
+                    bias.append(float(value))
             if params.repetition_penalty != 1.0:
                 history = self._history(request)
-                seen = torch.cat([history.prompt_ids, history.output_ids[: history.num_output]])
-                repeat_at.append(seen + i * vocab)
-                repeat_by.append(torch.full((len(seen),), params.repetition_penalty))
-            if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
+                repeat.add(i, history.prompt_ids, params.repetition_penalty)
+                repeat.add(i, history.output_ids[: history.num_output], params.repetition_penalty)
+            if penalised:
                 history = self._history(request)
-                penalty_at.append(history.output_ids[: history.num_output] + i * vocab)
-                frequency.append(torch.full((history.num_output,), params.frequency_penalty))
-                presence.append(torch.full((history.num_output,), params.presence_penalty))
-            if request.num_output_tokens < params.min_tokens:
+                penalty.add(i, history.output_ids[: history.num_output], params.frequency_penalty,
+                            params.presence_penalty)
+            if masked:
                 ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-                mask_at.append(torch.tensor([t + i * vocab for t in ids if 0 <= t < vocab], dtype=torch.long))
-        if not (bias_at or repeat_at or penalty_at or mask_at):
+                mask_at.extend(t + i * vocab for t in ids if 0 <= t < vocab)
+        if not rows:
             return None
-        return _LogitEdits(_longs(bias_at), _floats(bias), _longs(repeat_at), _floats(repeat_by),
-                           _longs(penalty_at), _floats(frequency), _floats(presence), _longs(mask_at))
+        return _LogitEdits(
+            rows, torch.tensor(bias_at, dtype=torch.long), torch.tensor(bias), repeat.flat_ids(), repeat.spread(0),
+            penalty.flat_ids(), penalty.spread(0), penalty.spread(1), torch.tensor(mask_at, dtype=torch.long),
+        )
 
     def _apply_edits(self, flat: torch.Tensor, edits: _LogitEdits) -> None:
         if len(edits.bias_at):
@@ -251,22 +294,37 @@ class Sampler:
         cut = [n for n, p in enumerate(params) if _truncates(p, self.vocab_size) and n not in done]
         if not (plain or cut):
             return tokens
-        index = torch.tensor(plain + cut)  # plain rows first, so e[: len(plain)] is a slice
+        index = torch.tensor(plain + cut)  # plain rows first
         # e = exp((x - max) / T): unnormalised probabilities over the whole row, 1.0 at its best token.
-        shift = row_max[index][:, None, None]
-        e = xb[rows[index]].sub_(shift) if len(index) < xb.shape[0] else xb - shift
-        if bool((inv_temp[index] != 1.0).any()):
-            e.mul_(inv_temp[index][:, None, None])
-        e.exp_()
+        # Row by row, so that each row's passes stay in cache. A plain row only needs weights proportional
+        # to e: exp(x / T) itself when that can neither overflow nor vanish (one pass fewer).
+        e = torch.empty(len(index), xb.shape[1], xb.shape[2])
+        block_sums = torch.empty(len(index), xb.shape[1])
+        shifts, scales = row_max[index].tolist(), inv_temp[index].tolist()
+        for m, i in enumerate(rows[index].tolist()):
+            if m < len(plain) and abs(shifts[m] * scales[m]) < 60.0 and scales[m] == 1.0:
+                torch.exp(xb[i], out=e[m])
+            elif m < len(plain) and abs(shifts[m] * scales[m]) < 60.0:
+                torch.mul(xb[i], scales[m], out=e[m]).exp_()
+            else:
+                torch.sub(xb[i], shifts[m], out=e[m])
+                if scales[m] != 1.0:
+                    e[m].mul_(scales[m])
+                e[m].exp_()
+            torch.sum(e[m], -1, out=block_sums[m])
         if plain:
-            block_sums = e[: len(plain)].sum(-1)
             at = torch.arange(len(plain))
             tokens[index[at]] = blocked_inverse_cdf(e, block_sums, at, u[index[at]])
-        flat_e = e.view(e.shape[0], -1)
-        for m, n in enumerate(cut, start=len(plain)):
-            p = params[n]
-            top_k = p.top_k if p.top_k < self.vocab_size else 0
-            tokens[n] = draw_truncated_row(flat_e[m].numpy(), top_k, p.min_p, p.top_p, float(u[n]))
+        if cut:
+            flat_e = e.view(e.shape[0], -1)
+            mass = block_sums[len(plain):].sum(-1).tolist()
+            draws = []
+            for m, n in enumerate(cut):
+                p = params[n]
+                top_k = p.top_k if p.top_k < self.vocab_size else 0
+                values = flat_e[len(plain) + m].numpy()
+                draws.append(draw_truncated_row(values, mass[m], top_k, p.min_p, p.top_p, float(u[n])))
+            tokens[torch.tensor(cut)] = torch.tensor(draws)
         return tokens
 
     def _draw_among_candidates(
@@ -303,20 +361,32 @@ class Sampler:
 
     # -- logprobs ------------------------------------------------------------------------------------------
     def _logprobs(
-        self, raw: torch.Tensor, rows: list[int], requests: list[Request], tokens: torch.Tensor
+        self,
+        raw: torch.Tensor,
+        block_max: torch.Tensor,
+        stale: set[int],
+        rows: list[int],
+        requests: list[Request],
+        tokens: torch.Tensor,
     ) -> list[TokenLogprobs]:
-        """Chosen token and top-n alternatives from log_softmax of the raw logits (before any edits)."""
+        """Chosen token and top-n alternatives from log_softmax of the raw logits (before any edits).
+        block_max is reused for rows without edits; rows in `stale` had edits and are measured again."""
         index = torch.tensor(rows)
-        xb = to_blocks(raw[index] if len(rows) < raw.shape[0] else raw.clone())
-        block_max = xb.amax(-1)
+        xb = to_blocks(raw)
+        maxima = block_max[index]
+        for n, i in enumerate(rows):
+            if i in stale:
+                maxima[n] = xb[i].amax(-1)
+        row_max = maxima.amax(-1).tolist()
+        scratch = torch.empty(raw.shape[1])
+        lse = [m + math.log(float(torch.sub(raw[i], m, out=scratch).exp_().sum()))
+               for i, m in zip(rows, row_max, strict=True)]
         top_n = min(max(requests[i].params.logprobs or 0 for i in rows), raw.shape[1])
         top_values: list[list[float]] = [[] for _ in rows]
         top_ids: list[list[int]] = [[] for _ in rows]
         if top_n > 0:
-            values, ids = block_topk(xb, block_max, torch.arange(len(rows)), top_n)
+            values, ids = block_topk(xb, maxima, index, top_n)
             top_values, top_ids = values.tolist(), ids.tolist()
-        row_max = block_max.amax(-1)
-        lse = (row_max + xb.sub_(row_max[:, None, None]).exp_().sum((-1, -2)).log_()).tolist()
         chosen = raw[index, tokens[index]].tolist()
         out = []
         for n, i in enumerate(rows):

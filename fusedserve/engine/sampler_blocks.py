@@ -31,16 +31,26 @@ def block_argmax(xb: torch.Tensor, block_max: torch.Tensor, rows: torch.Tensor) 
     return block * BLOCK + xb[rows, block].argmax(-1)
 
 
+def _top_columns(values: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k largest values, largest first (numpy's SIMD partition and sort)."""
+    width = values.shape[1]
+    part = np.argpartition(values, width - k, axis=1)[:, width - k:] if k < width else np.tile(
+        np.arange(width), (values.shape[0], 1))
+    order = np.argsort(-np.take_along_axis(values, part, 1), axis=1)
+    return np.take_along_axis(part, order, 1)
+
+
 def block_topk(
     xb: torch.Tensor, block_max: torch.Tensor, rows: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k values (descending) and ids of each xb[rows]. Only the k blocks with the largest maxima can
-    hold a value above the k-th largest, so topk runs over k*BLOCK gathered values instead of the row."""
+    hold a value above the k-th largest, so the selection sees k*BLOCK gathered values instead of the row."""
     nb = xb.shape[1]
     k = min(k, nb * BLOCK)
-    blocks = block_max.topk(min(k, nb), dim=-1).indices
-    values, pos = xb[rows[:, None], blocks].reshape(len(rows), -1).topk(k, dim=-1)
-    return values, blocks.gather(1, pos // BLOCK) * BLOCK + pos % BLOCK
+    blocks = torch.from_numpy(_top_columns(block_max.numpy(), min(k, nb)))
+    gathered = xb[rows[:, None], blocks].reshape(len(rows), -1)
+    pos = torch.from_numpy(_top_columns(gathered.numpy(), k))
+    return gathered.gather(1, pos), blocks.gather(1, pos // BLOCK) * BLOCK + pos % BLOCK
 
 
 def _draw_target(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -82,23 +92,30 @@ def nucleus_weights(candidates: torch.Tensor, keep_from: torch.Tensor, top_p: to
     return survivors * nucleus
 
 
-def draw_truncated_row(values: np.ndarray, top_k: int, min_p: float, top_p: float, u: float) -> int:
-    """One draw from a whole row of weights (float32, largest 1.0) under min_p, top_k (0: off) and top_p,
-    with u in [0, 1). Survivors are weights >= max(min_p, k-th largest); the nucleus is the shortest run of
-    largest survivors whose mass reaches top_p of theirs, plus any ties of its smallest weight. Weights below
-    (1 - top_p) * mass / len sum to less than (1 - top_p) * mass, so they can never be in the nucleus and
-    only the rest is sorted (numpy's SIMD sort, values only)."""
+def draw_truncated_row(values: np.ndarray, mass: float, top_k: int, min_p: float, top_p: float, u: float) -> int:
+    """One draw from a whole row of weights (float32, largest 1.0, summing to mass) under min_p, top_k (0: off)
+    and top_p, with u in [0, 1). Survivors are weights >= max(min_p, k-th largest); the nucleus is the
+    shortest run of largest survivors whose mass reaches top_p of theirs, plus ties of its smallest weight.
+    Weights below (1 - top_p) * mass / len sum to less than (1 - top_p) * mass, so they are never in the
+    nucleus: only the rest is sorted (numpy's SIMD sort, values only)."""
     n = len(values)
     keep_from = min_p
     if 0 < top_k < n:
         keep_from = max(keep_from, float(np.partition(values, n - top_k)[n - top_k]))
     if top_p < 1.0:
-        mass = float((values[values >= keep_from] if keep_from > 0 else values).sum())
-        heavy = np.sort(values[values >= max(keep_from, (1.0 - top_p) * mass / n)])[::-1]
-        inclusive = np.cumsum(heavy, dtype=np.float64)
-        keep_from = float(heavy[min(int(np.searchsorted(inclusive, top_p * mass)), len(heavy) - 1)])
-    ids = np.flatnonzero(values >= keep_from)
-    inclusive = np.cumsum(values[ids], dtype=np.float64)
+        if keep_from > 0:
+            mass = float(values[values >= keep_from].sum())
+        ids = np.flatnonzero(values >= max(keep_from, (1.0 - top_p) * mass / n))
+        heavy = values[ids]
+        ordered = np.sort(heavy)[::-1]
+        inclusive = np.cumsum(ordered.astype(np.float64))
+        keep_from = float(ordered[min(int(np.searchsorted(inclusive, top_p * mass)), len(ordered) - 1)])
+        ids = ids[heavy >= keep_from]
+    else:
+        ids = np.flatnonzero(values >= keep_from)
+    if len(ids) == 0:  # only for out-of-range parameters (min_p > 1)
+        return int(np.argmax(values))
+    inclusive = np.cumsum(values[ids].astype(np.float64))
     total = inclusive[-1]
     target = min(u * total, float(np.nextafter(total, 0.0)))
     return int(ids[min(int(np.searchsorted(inclusive, target, side="right")), len(ids) - 1)])
