@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fusedserve.engine.config import EngineConfig
+from fusedserve.engine.device import resolve_device, resolve_dtype
 from fusedserve.engine.errors import PromptTooLongError
 from fusedserve.engine.kv_cache import KVCache, KVCacheSpec
 from fusedserve.engine.manifest import read_manifest
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 #   auto      fp32 weights; batches of BF16_MIN_ROWS+ rows multiply in bf16 on AMX (measured faster), smaller in fp32
 #   float32   fp32 everywhere (bit-for-bit comparable with transformers in fp32; outputs independent of batching)
 #   bfloat16  bf16 weights and compute
+# On CUDA, auto means bfloat16 (engine/device.py resolves it before loading).
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -52,14 +55,18 @@ def build_kv_cache(config: EngineConfig, model: LlamaModel) -> KVCache:
     return create_kv_cache(spec, config.cache, config.model.device)
 
 
-def load_model_for_engine(model_dir: Path, dtype: str, max_positions: int) -> LlamaModel:
-    """Load the model, switching on the runtime side of each technique its manifest names."""
+def load_model_for_engine(
+    model_dir: Path, dtype: str, max_positions: int, device: torch.device | str = "cpu"
+) -> LlamaModel:
+    """Load the model onto `device`, switching on the runtime side of each technique its manifest names."""
     make_linear = mixed_precision_linear_factory if dtype == "auto" else dense_linear_factory
     if "larosa" in read_manifest(model_dir):
         from fusedserve.engine.larosa.runtime import larosa_linear_factory
 
         make_linear = larosa_linear_factory(model_dir) or make_linear
-    return load_llama(model_dir, dtype=DTYPES[dtype], max_positions=max_positions, make_linear=make_linear)
+    return load_llama(
+        model_dir, dtype=DTYPES[dtype], max_positions=max_positions, make_linear=make_linear, device=device
+    )
 
 
 class LLMEngine:
@@ -86,8 +93,11 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig, observer: EngineObserver | None = None) -> LLMEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
+        device = resolve_device(config.model.device)
+        dtype = resolve_dtype(config.model.dtype, device)
+        config = replace(config, model=replace(config.model, device=str(device), dtype=dtype))
         model_dir = Path(config.model.model_dir)
-        model = load_model_for_engine(model_dir, config.model.dtype, config.scheduler.max_model_len)
+        model = load_model_for_engine(model_dir, dtype, config.scheduler.max_model_len, device)
         tokenizer = load_tokenizer(model_dir)
         return cls(config, model, tokenizer, build_kv_cache(config, model), observer)
 
@@ -179,7 +189,9 @@ class LLMEngine:
         """Sample every row; a row that breaks the sampler fails its own request only."""
         if not requests:
             return []
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # A row sum is non-finite exactly when the row holds a NaN or an infinity (logits are far from overflow);
+        # summing first costs ~1 ms where an elementwise isfinite over [B, vocab] cost ~30 ms.
+        finite = logits.sum(dim=-1).isfinite().tolist()
         healthy = [i for i, ok in enumerate(finite) if ok]
         results: list[SampleResult | None] = [None] * len(requests)
         for i, ok in enumerate(finite):

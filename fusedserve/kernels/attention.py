@@ -3,6 +3,8 @@
 Each sequence owns one slot of the per-layer caches [max_num_seqs, max_model_len, kv_heads, head_dim]. The
 kernels read only `cache[slot, :context_len]` — never past a slot's length, because a demand-paged backend leaves
 that memory unmapped (on a CPU, reading it is a SIGSEGV, not an exception). No block tables exist.
+Backends: the CPU's C++ decode kernel plus SDPA per sequence (here); CUDA's flashinfer kernels, or the same SDPA
+loop where flashinfer is missing (kernels/gpu/flashinfer_attention.py, imported only when a CUDA tensor arrives).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ class SlotBatch:
     decode_context_lens: torch.Tensor  # [D] long: their context lengths
 
     @classmethod
-    def build(cls, slots: list[int], query_lens: list[int], context_lens: list[int]) -> SlotBatch:
+    def build(
+        cls, slots: list[int], query_lens: list[int], context_lens: list[int], device: torch.device | str = "cpu"
+    ) -> SlotBatch:
+        """The batch's index tensors on `device` (the model's); the lists stay host-side for planning."""
         token_starts, slot_of_token, position_of_token, offset = [], [], [], 0
         for slot, q_len, ctx_len in zip(slots, query_lens, context_lens, strict=True):
             token_starts.append(offset)
@@ -47,11 +52,11 @@ class SlotBatch:
             query_lens=query_lens,
             context_lens=context_lens,
             token_starts=token_starts,
-            slot_of_token=torch.tensor(slot_of_token, dtype=torch.long),
-            position_of_token=torch.tensor(position_of_token, dtype=torch.long),
-            decode_rows=torch.tensor([token_starts[i] for i in decodes], dtype=torch.long),
-            decode_slots=torch.tensor([slots[i] for i in decodes], dtype=torch.long),
-            decode_context_lens=torch.tensor([context_lens[i] for i in decodes], dtype=torch.long),
+            slot_of_token=torch.tensor(slot_of_token, dtype=torch.long, device=device),
+            position_of_token=torch.tensor(position_of_token, dtype=torch.long, device=device),
+            decode_rows=torch.tensor([token_starts[i] for i in decodes], dtype=torch.long, device=device),
+            decode_slots=torch.tensor([slots[i] for i in decodes], dtype=torch.long, device=device),
+            decode_context_lens=torch.tensor([context_lens[i] for i in decodes], dtype=torch.long, device=device),
         )
 
     @property
@@ -63,9 +68,9 @@ def write_kv(
     key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: SlotBatch
 ) -> None:
     """Store the new tokens' K/V ([T, kv_heads, head_dim]) at their (slot, position)."""
-    index = (batch.slot_of_token, batch.position_of_token)
-    key_cache.index_put_(index, k.to(key_cache.dtype))
-    value_cache.index_put_(index, v.to(value_cache.dtype))
+    # Indexed assignment, not index_put_: on the strided views of a vAttention cache index_put_ measured 20x slower.
+    key_cache[batch.slot_of_token, batch.position_of_token] = k.to(key_cache.dtype)
+    value_cache[batch.slot_of_token, batch.position_of_token] = v.to(value_cache.dtype)
 
 
 def attend(
@@ -76,8 +81,12 @@ def attend(
     The new tokens' K/V must already be written (write_kv). Query token j of a sequence with q_len new tokens and
     context_len cached tokens sees positions [0, context_len - q_len + j].
     """
+    if q.device.type == "cuda":
+        from fusedserve.kernels.gpu.flashinfer_attention import attend_cuda
+
+        return attend_cuda(q, key_cache, value_cache, batch, scale)
     num_tokens, num_heads, head_dim = q.shape
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype)
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     kernel = load_cpp_extension("decode_attention.cpp") if q.device.type == "cpu" else None
     if kernel is not None and batch.decode_rows.numel():
         # All single-token queries in one call: a Python loop of tiny SDPA calls costs ~80 us per sequence.
@@ -90,27 +99,43 @@ def attend(
             batch.decode_context_lens,
             scale,
         ).to(q.dtype)
+    attend_each_sequence(q, key_cache, value_cache, batch, scale, out, skip_single_tokens=kernel is not None)
+    return out.reshape(num_tokens, num_heads * head_dim)
+
+
+def attend_each_sequence(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: SlotBatch,
+    scale: float,
+    out: torch.Tensor,
+    skip_single_tokens: bool,
+) -> None:
+    """SDPA per sequence over cache[slot, :context_len], written into out [T, heads, head_dim] (any device).
+
+    `skip_single_tokens`: leave the single-token (decode) sequences to a batched kernel that already ran.
+    """
     for slot, q_len, ctx_len, start in zip(
         batch.slots, batch.query_lens, batch.context_lens, batch.token_starts, strict=True
     ):
-        if kernel is not None and q_len == 1:
+        if skip_single_tokens and q_len == 1:
             continue
         query = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         keys = key_cache[slot, :ctx_len].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, ctx, D]
         values = value_cache[slot, :ctx_len].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        mask, causal = _causal_mask(q_len, ctx_len)
+        mask, causal = _causal_mask(q_len, ctx_len, q.device)
         result = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
         )
         out[start : start + q_len] = result[0].transpose(0, 1)
-    return out.reshape(num_tokens, num_heads * head_dim)
 
 
-def _causal_mask(q_len: int, ctx_len: int) -> tuple[torch.Tensor | None, bool]:
+def _causal_mask(q_len: int, ctx_len: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
     if q_len == 1:
         return None, False  # a single newest token sees the whole context
     if q_len == ctx_len:
         return None, True  # square, top-left aligned: SDPA's own causal mask
     offset = ctx_len - q_len
-    rows = torch.arange(q_len).unsqueeze(1) + offset
-    return torch.arange(ctx_len).unsqueeze(0) <= rows, False
+    rows = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    return torch.arange(ctx_len, device=device).unsqueeze(0) <= rows, False

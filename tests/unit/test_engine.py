@@ -29,7 +29,7 @@ def make_engine(model_dir: Path, **overrides) -> LLMEngine:
     )
     scheduler = SchedulerConfig(
         max_num_seqs=overrides.pop("max_num_seqs", 8),
-        max_model_len=256,
+        max_model_len=overrides.pop("max_model_len", 256),
         max_num_batched_tokens=overrides.pop("max_num_batched_tokens", 64),
     )
     config = EngineConfig(ModelConfig(model_dir, "tiny", dtype="float32"), cache, scheduler, threads=1)
@@ -75,11 +75,21 @@ def test_vattention_backend_gives_the_same_tokens_as_static(tiny_model_dir: Path
     assert static == paged
 
 
+def page_group_bytes(model_dir: Path) -> int:
+    """Physical bytes one slot maps for its first token: the unit in which a vAttention slot grows."""
+    probe = make_engine(model_dir, kv_backend="vattention", max_model_len=1024)
+    slot = probe.kv_cache.allocate_slot()
+    assert slot is not None and probe.kv_cache.reserve_tokens(slot, 1)
+    return probe.kv_cache.usage(1).bytes_mapped
+
+
 def test_small_kv_budget_preempts_and_still_completes_every_request_exactly(tiny_model_dir: Path):
-    # 64 KiB pages hold 128 tokens of this model; each request outgrows its first page, four pages are not enough.
-    prompts = [list(range(10, 110)), list(range(200, 310)), list(range(400, 520))]
-    reference = generate_all(make_engine(tiny_model_dir), prompts, max_tokens=60)
-    engine = make_engine(tiny_model_dir, kv_backend="vattention", kv_cache_memory=4 * 64 * 1024)
+    group = page_group_bytes(tiny_model_dir)
+    tokens_per_group = group // (2 * 2 * 2 * 16 * 4)  # layers x K/V x kv heads x head_dim x fp32
+    # Each request starts within one page group and outgrows it; four groups cannot hold three grown requests.
+    prompts = [list(range(10 + i * 300, 10 + i * 300 + tokens_per_group - 20 + i)) for i in range(3)]
+    reference = generate_all(make_engine(tiny_model_dir, max_model_len=1024), prompts, max_tokens=60)
+    engine = make_engine(tiny_model_dir, kv_backend="vattention", kv_cache_memory=4 * group, max_model_len=1024)
     squeezed = generate_all(engine, prompts, max_tokens=60)
     assert squeezed == reference
     assert engine.scheduler.num_preemptions_total > 0
