@@ -159,6 +159,8 @@ def from_validation_errors(errors: Sequence[Any]) -> OpenAIError:
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"Request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
     param = param_path(first.get("loc", ()))
+    if param is None and first.get("type") == "missing":
+        return bad_request("Request body is required: a JSON object.", code="missing_body")
     messages: list[str] = []
     for error in errors:
         if param_path(error.get("loc", ())) == param:
@@ -189,6 +191,8 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     elif exc.status_code == 405:
         message = f"Method {request.method} not allowed on {request.url.path}."
         error = OpenAIError(405, message, code="not_allowed")
+    elif exc.status_code == 400:  # a body FastAPI could not decode (e.g. not UTF-8)
+        error = bad_request(f"Request body could not be read: {exc.detail}", code="invalid_body")
     else:
         error = OpenAIError(exc.status_code, str(exc.detail))
     error.headers.update(exc.headers or {})
