@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "fusedserve.engine.gstack.cli",
     "fusedserve.engine.adaptivocab.cli",
     "fusedserve.engine.larosa.cli",
+    "fusedserve.clients.chat",
 ]
 
 
