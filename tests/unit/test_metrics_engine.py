@@ -34,13 +34,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_engine(model_dir: Path, kv_backend: str = "static", **scheduler: int) -> tuple[LLMEngine, EngineMetrics]:
-    """64 KiB pages hold 128 tokens of the tiny model."""
+    """The tiny model on one thread; `scheduler` overrides SchedulerConfig fields (and takes kv_cache_memory)."""
     memory = scheduler.pop("kv_cache_memory", None)
     cache = CacheConfig(kv_backend=kv_backend, kv_cache_memory=memory, kv_page_size=64 * 1024)
     config = EngineConfig(
         ModelConfig(model_dir, MODEL, dtype="float32"),
         cache,
-        SchedulerConfig(max_model_len=256, max_num_batched_tokens=64, **{"max_num_seqs": 8, **scheduler}),
+        SchedulerConfig(**{"max_model_len": 256, "max_num_batched_tokens": 64, "max_num_seqs": 8, **scheduler}),
         threads=1,
     )
     metrics = EngineMetrics(MODEL, config.scheduler.max_model_len, process_metrics=False)
@@ -122,9 +122,14 @@ def test_gauges_follow_the_queues_and_return_to_zero_after_aborts(tiny_model_dir
 
 
 def test_preemptions_are_counted_and_recompute_is_not_prompt(tiny_model_dir: Path) -> None:
-    # Each request outgrows its first page; four pages cannot hold all three.
-    prompts = [list(range(10, 110)), list(range(200, 310)), list(range(400, 520))]
-    engine, metrics = make_engine(tiny_model_dir, "vattention", kv_cache_memory=4 * 64 * 1024)
+    # The unit a vAttention slot grows by; each request starts within one and outgrows it, four cannot hold three.
+    probe, _ = make_engine(tiny_model_dir, "vattention", max_model_len=1024)
+    slot = probe.kv_cache.allocate_slot()
+    assert slot is not None and probe.kv_cache.reserve_tokens(slot, 1)
+    group = probe.kv_cache.usage(1).bytes_mapped
+    tokens_per_group = group // probe.kv_cache.spec.bytes_per_token
+    prompts = [list(range(10 + i * 300, 10 + i * 300 + tokens_per_group - 20 + i)) for i in range(3)]
+    engine, metrics = make_engine(tiny_model_dir, "vattention", kv_cache_memory=4 * group, max_model_len=1024)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params(max_tokens=60))
     run_until_idle(engine)
