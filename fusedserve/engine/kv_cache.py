@@ -42,6 +42,8 @@ class KVUsage:
     bytes_budget: int  # the most physical bytes the cache may use
     slots_in_use: int
     usage_perc: float  # 0..1, what vllm:kv_cache_usage_perc reports: the share of KV capacity in use
+    pages_mapped_total: int = 0  # demand-paged backends: pages mapped / unmapped since start (cumulative)
+    pages_unmapped_total: int = 0
 
 
 class KVCache(ABC):
@@ -100,6 +102,10 @@ class KVCache(ABC):
 
     def prepare_next_step(self, upcoming_lengths: dict[int, int]) -> None:  # noqa: B027 - optional hook
         """Hint, after scheduling: the lengths slots will reach soon. Demand-paged backends map ahead here."""
+
+    def step_queued(self) -> None:  # noqa: B027 - optional hook
+        """The runner has queued this step's kernels (a GPU may still run them): memory they read must outlive
+        them. Device backends mark the point here and wait for it before unmapping anything."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release everything (background threads, mappings)."""

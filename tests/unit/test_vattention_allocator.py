@@ -15,9 +15,7 @@ from fusedserve.engine.vattention.kv_cache import VAttentionKVCache
 
 PAGE = 4096
 # 2 layers x (K, V) x 2 heads x 8 dims x 4 bytes = 256 bytes per token: 16 tokens per page (all_layers)
-SPEC = KVCacheSpec(
-    num_layers=2, max_num_seqs=4, max_model_len=256, num_kv_heads=2, head_dim=8, dtype=torch.float32
-)
+SPEC = KVCacheSpec(num_layers=2, max_num_seqs=4, max_model_len=256, num_kv_heads=2, head_dim=8, dtype=torch.float32)
 TOKENS_PER_PAGE = 16
 
 
@@ -153,7 +151,9 @@ def test_admission_counts_free_and_reclaimable_pages_minus_the_watermark():
 
 def test_releasing_idle_pages_gives_memory_back_to_the_os():
     backend = CpuMemoryBackend(prefault=True)
-    cache = VAttentionKVCache(SPEC, PAGE, 32 * PAGE, backend=backend, watermark=0.0, map_ahead_tokens=0)
+    cache = VAttentionKVCache(
+        SPEC, PAGE, 32 * PAGE, layout="all_layers", backend=backend, watermark=0.0, map_ahead_tokens=0
+    )
     slot = cache.allocate_slot()
     cache.reserve_tokens(slot, 128)
     assert backend.committed_bytes() == 8 * PAGE
@@ -183,3 +183,15 @@ def test_factory_builds_each_backend_under_the_same_budget():
     paged.close()
     with pytest.raises(ValueError):
         create_kv_cache(SPEC, CacheConfig(kv_backend="paged"), "cpu")
+
+
+def test_growth_is_refused_before_kernel_mappings_run_out():
+    cache = _cache(pages=32)
+    allocator = cache._allocator
+    allocator.max_mappings = allocator.mapping_estimate() + 2  # room for two more runs of pages
+    a, b = cache.allocate_slot(), cache.allocate_slot()
+    assert cache.reserve_tokens(a, 2 * TOKENS_PER_PAGE)  # one run of two consecutive pages
+    assert cache.reserve_tokens(b, TOKENS_PER_PAGE)  # a second run
+    assert not cache.reserve_tokens(b, 3 * TOKENS_PER_PAGE)  # two more pages could each start a run
+    assert allocator.mapping_estimate() <= allocator.max_mappings
+    cache.close()

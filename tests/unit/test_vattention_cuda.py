@@ -34,7 +34,7 @@ def _backend(driver: EmulatedCudaDriver) -> CudaMemoryBackend:
 def _cache(driver: EmulatedCudaDriver, pages: int = 8) -> VAttentionKVCache:
     backend = _backend(driver)
     return VAttentionKVCache(
-        SPEC, GRANULARITY, pages * GRANULARITY, backend=backend, watermark=0.0, map_ahead_tokens=0
+        SPEC, GRANULARITY, pages * GRANULARITY, layout="all_layers", backend=backend, watermark=0.0, map_ahead_tokens=0
     )
 
 

@@ -17,9 +17,9 @@ import torch
 
 from fusedserve.engine.config import CacheConfig
 from fusedserve.engine.kv_cache import KVCache, KVCacheSpec, StaticKVCache
-from fusedserve.engine.vattention.kv_cache import DEFAULT_PAGE_SIZE, VAttentionKVCache
+from fusedserve.engine.vattention.kv_cache import DEVICE_DEFAULTS, VAttentionKVCache
 
-__all__ = ["DEFAULT_PAGE_SIZE", "VAttentionKVCache", "create_kv_cache", "default_budget_bytes"]
+__all__ = ["DEVICE_DEFAULTS", "VAttentionKVCache", "create_kv_cache", "default_budget_bytes"]
 
 
 def free_device_memory(device: torch.device) -> int:
@@ -55,5 +55,6 @@ def create_kv_cache(spec: KVCacheSpec, cache_config: CacheConfig, device: torch.
     if cache_config.kv_backend == "vattention":
         if budget is None:
             budget = default_budget_bytes(spec, device)
-        return VAttentionKVCache(spec, cache_config.kv_page_size, budget, device)
+        # kv_page_size None (or 0): the device's measured default page size and layout.
+        return VAttentionKVCache(spec, cache_config.kv_page_size or None, budget, device)
     raise ValueError(f"unknown kv_backend {cache_config.kv_backend!r} (static | vattention)")

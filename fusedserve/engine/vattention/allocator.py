@@ -7,7 +7,9 @@ Invariants (one place owns each):
   ahead of need) may be taken back at any time.
 - A freed slot keeps its pages (deferred reclamation): the next request is given the free slot holding the
   most pages, and growing slots take pages from the pool first, then from idle slots (oldest first, by moving
-  the page: unmap there, map here, no copy), then from other active slots' mapped-ahead pages.
+  the page: unmap there, map here, no copy), then from other active slots' mapped-ahead pages. A slot idle for
+  `idle_release_steps` steps (or any idle slot when a step schedules nothing) gives its memory to the OS, and
+  so do a reused slot's pages beyond what its new request needs (trimmed by the map-ahead worker).
 - All bookkeeping and every map/unmap happen under one lock; the map-ahead worker is one thread whose future
   is joined before the next job is submitted and on close.
 
@@ -67,7 +69,13 @@ class AllocatorStats:
 
 class PageAllocator:
     def __init__(
-        self, backend: MemoryBackend, geometry: SlotGeometry, num_pages: int, map_ahead_tokens: int = 16
+        self,
+        backend: MemoryBackend,
+        geometry: SlotGeometry,
+        num_pages: int,
+        map_ahead_tokens: int = 16,
+        idle_release_steps: int = 32,
+        max_mappings: int | None = None,
     ) -> None:
         if num_pages <= 0:
             raise ValueError("the KV budget holds no page")
@@ -75,17 +83,25 @@ class PageAllocator:
         self.geometry = geometry
         self.num_pages = num_pages
         self.map_ahead_tokens = map_ahead_tokens
+        self.idle_release_steps = idle_release_steps
+        self.max_mappings = max_mappings  # CPU: a share of vm.max_map_count; None: no limit (CUDA)
+        if max_mappings is not None and self._mappings_with(0, runs=0) > max_mappings:
+            raise ValueError(
+                f"{geometry.num_slots} slots x {geometry.num_regions} regions need more kernel mappings than "
+                f"the {max_mappings} allowed: use fewer slots or the all_layers layout"
+            )
         self.stats = AllocatorStats()
         # Region-major creation: pages g and g+1 of a region are physical neighbours (one VMA on the CPU).
         self._handles: list[list[PhysicalHandle]] = [
-            [backend.create_physical(geometry.page_size) for _ in range(num_pages)]
-            for _ in range(geometry.num_regions)
+            [backend.create_physical(geometry.page_size) for _ in range(num_pages)] for _ in range(geometry.num_regions)
         ]
         self._pool = PagePool(num_pages)
         self._pages: list[list[int]] = [[] for _ in range(geometry.num_slots)]
+        self._runs = 0  # maximal runs of consecutive pool pages over all slots: each run is one VMA per region
         self._reserved = [0] * geometry.num_slots
         self._active: set[int] = set()
-        self._idle: dict[int, None] = {}  # free slots holding pages, oldest first
+        self._idle: dict[int, int] = {}  # free slots holding pages, oldest first -> the step they went idle
+        self._step = 0  # map-ahead jobs run so far: the allocator's clock
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, "kv-map-ahead", initializer=backend.bind_thread)
         self._ahead_job: Future[None] | None = None
@@ -104,12 +120,21 @@ class PageAllocator:
             self._active.discard(slot)
             self._reserved[slot] = 0
             if self._pages[slot]:
-                self._idle[slot] = None
+                self._idle[slot] = self._step
 
-    def best_free_slot(self, free_slots: list[int]) -> int | None:
-        """Among free slots, the one holding the most pages (ties: the last in the list)."""
+    def best_free_slot(self, free_slots: list[int], num_tokens: int | None = None) -> int | None:
+        """The free slot whose mapped pages best serve a request of `num_tokens` (ties: the last in the list).
+
+        Best fit: the fewest pages that still cover the request; if none covers it, the most pages.
+        """
         with self._lock:
-            return max(reversed(free_slots), key=lambda s: len(self._pages[s]), default=None)
+            ordered = list(reversed(free_slots))
+            if num_tokens is not None:
+                needed = self.geometry.pages_for(num_tokens)
+                covering = [s for s in ordered if len(self._pages[s]) >= needed]
+                if covering:
+                    return min(covering, key=lambda s: len(self._pages[s]))
+            return max(ordered, key=lambda s: len(self._pages[s]), default=None)
 
     # -- capacity ----------------------------------------------------------------------------------
     def available_pages(self) -> int:
@@ -125,6 +150,11 @@ class PageAllocator:
         with self._lock:
             return sum(len(self._pages[s]) for s in self._active)
 
+    def mapping_estimate(self) -> int:
+        """Kernel mappings the cache's ranges hold now (CPU): one per run per region, plus each slot's tail."""
+        with self._lock:
+            return self._mappings_with(0, self._runs)
+
     def pages_of(self, slot: int) -> int:
         with self._lock:
             return len(self._pages[slot])
@@ -138,6 +168,8 @@ class PageAllocator:
             missing = self.geometry.pages_for(num_tokens) - len(self._pages[slot])
             if missing > 0:
                 if missing > self._pool.num_free and missing > self._available(exclude=slot):
+                    return False
+                if self._mapping_room() < missing:  # refusing (-> preemption) beats running out of VMAs
                     return False
                 self._extend(slot, missing, steal_from_active=True, ahead=False)
             self._reserved[slot] = max(self._reserved[slot], num_tokens)
@@ -158,16 +190,23 @@ class PageAllocator:
             job.result()
 
     def _map_ahead_job(self, targets: dict[int, int]) -> None:
-        if not targets:
-            self.release_idle_pages()
-            return
+        """Map each slot up to its target (+ map_ahead_tokens), trim beyond it, release stale idle slots."""
+        with self._lock:
+            self._step += 1
+            cutoff = self._step - self.idle_release_steps
+            for slot in [s for s, since in self._idle.items() if since <= cutoff or not targets]:
+                self._release_pages(slot, keep=0)
+                del self._idle[slot]
         for slot, length in targets.items():
             with self._lock:
                 if slot not in self._active:
                     continue
-                wanted = min(self.geometry.max_tokens, length + self.map_ahead_tokens)
-                missing = self.geometry.pages_for(wanted) - len(self._pages[slot])
-                missing = min(missing, self._pool.num_free + self._idle_page_count())
+                wanted = self.geometry.pages_for(min(self.geometry.max_tokens, length + self.map_ahead_tokens))
+                wanted = max(wanted, self.geometry.pages_for(self._reserved[slot]))
+                missing = wanted - len(self._pages[slot])
+                if missing < 0:  # a reused slot holds more than its request needs: give the surplus back
+                    self._release_pages(slot, keep=wanted)
+                missing = min(missing, self._pool.num_free + self._idle_page_count(), self._mapping_room())
                 if missing > 0:
                     self._extend(slot, missing, steal_from_active=False, ahead=True)
 
@@ -175,14 +214,8 @@ class PageAllocator:
     def release_idle_pages(self) -> int:
         """Unmap every idle slot's pages and return their memory to the OS; returns how many pages."""
         with self._lock:
-            released = 0
-            for slot in list(self._idle):
-                while self._pages[slot]:
-                    page = self._pop_page(slot)
-                    self._discard(page)
-                    self._pool.give_back(page)
-                    released += 1
-                del self._idle[slot]
+            released = sum(self._release_pages(slot, keep=0) for slot in self._idle)
+            self._idle.clear()
             return released
 
     def close(self) -> None:
@@ -202,6 +235,25 @@ class PageAllocator:
             self._handles = []
 
     # -- internals (lock held) ---------------------------------------------------------------------
+    def _release_pages(self, slot: int, keep: int) -> int:
+        """Unmap the slot's pages from index `keep` on and give their memory back to the OS and the pool."""
+        released = 0
+        while len(self._pages[slot]) > keep:
+            page = self._pop_page(slot)
+            self._discard(page)
+            self._pool.give_back(page)
+            released += 1
+        return released
+
+    def _mappings_with(self, extra_runs: int, runs: int) -> int:
+        return (runs + extra_runs + self.geometry.num_slots) * self.geometry.num_regions
+
+    def _mapping_room(self) -> int:
+        """New pages that can be mapped even if each starts a run of its own."""
+        if self.max_mappings is None:
+            return self.num_pages
+        return max(0, (self.max_mappings - self._mappings_with(0, self._runs)) // self.geometry.num_regions)
+
     def _idle_page_count(self) -> int:
         return sum(len(self._pages[s]) for s in self._idle)
 
@@ -234,7 +286,10 @@ class PageAllocator:
         if len(taken) < count:
             raise RuntimeError(f"allocator accounting drifted: wanted {count} pages, found {len(taken)}")
         self._map_run(slot, len(pages), taken)
-        pages.extend(taken)
+        for page in taken:
+            if not pages or page != pages[-1] + 1:
+                self._runs += 1
+            pages.append(page)
         self.stats.pages_mapped += len(taken)
         if ahead:
             self.stats.pages_mapped_ahead += len(taken)
@@ -253,10 +308,15 @@ class PageAllocator:
 
     def _pop_page(self, slot: int) -> int:
         index = len(self._pages[slot]) - 1
+        self.backend.before_unmap()  # a GPU may still run kernels queued before this point
         for region in range(self.geometry.num_regions):
             self.backend.unmap(self.geometry.page_address(region, slot, index), self.geometry.page_size)
         self.stats.pages_unmapped += 1
-        return self._pages[slot].pop()
+        pages = self._pages[slot]
+        page = pages.pop()
+        if not pages or page != pages[-1] + 1:
+            self._runs -= 1
+        return page
 
     def _discard(self, page: int) -> None:
         for region in range(self.geometry.num_regions):

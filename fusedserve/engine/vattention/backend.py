@@ -63,9 +63,7 @@ class ReservationTable:
             raise BackendError(f"range {address:#x}+{size} is outside every reservation")
         reservation = self._by_start[self._starts[index]]
         if address + size > reservation.end:
-            raise BackendError(
-                f"range {address:#x}+{size} runs past reservation ending at {reservation.end:#x}"
-            )
+            raise BackendError(f"range {address:#x}+{size} runs past reservation ending at {reservation.end:#x}")
         return reservation
 
     def __iter__(self):
@@ -121,6 +119,14 @@ class MemoryBackend(ABC):
 
     def bind_thread(self) -> None:  # noqa: B027 - only devices with per-thread contexts need it
         """Prepare the calling thread for backend calls (CUDA: make the context current). Idempotent."""
+
+    def record_queued_work(self) -> None:  # noqa: B027 - only asynchronous devices need it
+        """Mark the device work queued so far (CUDA: record an event on the current stream); the CPU runs
+        synchronously and has nothing to mark."""
+
+    def before_unmap(self) -> None:  # noqa: B027 - only asynchronous devices need it
+        """Block until the work marked by the last record_queued_work has finished, so that no queued kernel
+        can still read a range about to be unmapped. The allocator calls it before every unmap."""
 
     @abstractmethod
     def close(self) -> None:

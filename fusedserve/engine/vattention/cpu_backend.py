@@ -81,9 +81,7 @@ class CpuMemoryBackend(MemoryBackend):
         self._extent_size: dict[int, int] = {}  # offset -> size of each live physical page
         self._reservations = ReservationTable()
         self._records: list[DLPackRecord] = []
-        self._lock = (
-            threading.Lock()
-        )  # guards the file/extent bookkeeping; syscalls themselves are thread-safe
+        self._lock = threading.Lock()  # guards the file/extent bookkeeping; syscalls themselves are thread-safe
         self._closed = False
 
     @property
@@ -94,9 +92,7 @@ class CpuMemoryBackend(MemoryBackend):
     def reserve(self, size: int, alignment: int = 0) -> int:
         alignment = max(alignment, self.granularity)
         if size <= 0 or size % self.granularity or alignment % self.granularity:
-            raise BackendError(
-                f"reserve size {size} / alignment {alignment} not multiples of {self.granularity}"
-            )
+            raise BackendError(f"reserve size {size} / alignment {alignment} not multiples of {self.granularity}")
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
         raw = _mmap_checked(0, size + alignment, PROT_NONE, flags, -1, 0, "reserve")
         start = -(-raw // alignment) * alignment

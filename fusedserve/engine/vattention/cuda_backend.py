@@ -12,12 +12,17 @@ Tensors over the reservation are built with an explicit device through DLPack (n
 unmapped memory). The driver module is imported lazily, so a CPU-only install never needs cuda-python. Pages
 stay physically allocated while in the pool (device memory is the budget); `discard` is therefore a no-op
 here.
+Kernels run asynchronously: after each step the engine records a CUDA event (record_queued_work) and every
+unmap first waits on the latest one (before_unmap), so no range is unmapped under a queued kernel that may
+still read it. That ordering has NOT run on a GPU either (as of 2026-11-21); on the CPU its call order is
+tested with a stand-in event.
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -46,6 +51,8 @@ class CudaMemoryBackend(MemoryBackend):
     `driver` defaults to cuda-python's `cuda.bindings.driver`; tests pass the emulated driver.
     `tensor_device` is where torch sees the memory: the CUDA device itself (default), or the CPU for the
     emulated driver, whose "device" memory is host memory.
+    `work_event`: makes the marker record_queued_work records (anything with .synchronize()); default a CUDA
+    event recorded on the current stream when the tensors live on CUDA, none for the emulated driver.
     """
 
     def __init__(
@@ -53,6 +60,7 @@ class CudaMemoryBackend(MemoryBackend):
         device: torch.device | str | int = 0,
         driver: Any = None,
         tensor_device: torch.device | None = None,
+        work_event: Callable[[], Any] | None = None,
     ) -> None:
         if isinstance(device, int):
             device = torch.device("cuda", device)
@@ -84,6 +92,10 @@ class CudaMemoryBackend(MemoryBackend):
         self._records: list[DLPackRecord] = []
         self._lock = threading.Lock()
         self._closed = False
+        if work_event is None and self.device.type == "cuda":
+            work_event = self._record_cuda_event
+        self._work_event = work_event
+        self._queued_work: Any = None  # the latest marker; read by the map-ahead thread, replaced whole
 
     def _call(self, name: str, *args: Any) -> Any:
         result = getattr(self.driver, name)(*args)
@@ -97,13 +109,26 @@ class CudaMemoryBackend(MemoryBackend):
     def bind_thread(self) -> None:
         self._call("cuCtxSetCurrent", self._context)
 
+    # -- ordering against queued kernels -----------------------------------------------------------
+    def _record_cuda_event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def record_queued_work(self) -> None:
+        if self._work_event is not None:
+            self._queued_work = self._work_event()
+
+    def before_unmap(self) -> None:
+        marker = self._queued_work
+        if marker is not None:
+            marker.synchronize()
+
     # -- virtual ranges ----------------------------------------------------------------------------
     def reserve(self, size: int, alignment: int = 0) -> int:
         alignment = max(alignment, self.granularity)
         if size <= 0 or size % self.granularity or alignment % self.granularity:
-            raise BackendError(
-                f"reserve size {size} / alignment {alignment} not multiples of {self.granularity}"
-            )
+            raise BackendError(f"reserve size {size} / alignment {alignment} not multiples of {self.granularity}")
         address = int(self._call("cuMemAddressReserve", size, alignment, 0, 0))
         with self._lock:
             self._reservations.add(Reservation(address, size))

@@ -99,9 +99,7 @@ class EmulatedCudaDriver:
     CUmemAllocationProp = CUmemAllocationProp
     CUmemAccessDesc = CUmemAccessDesc
 
-    def __init__(
-        self, granularity: int = 2 * 1024 * 1024, memory_bytes: int = 1 << 30, device: int = 0
-    ) -> None:
+    def __init__(self, granularity: int = 2 * 1024 * 1024, memory_bytes: int = 1 << 30, device: int = 0) -> None:
         self.host = CpuMemoryBackend(prefault=False, name="emulated-cuda")
         if granularity % self.host.granularity:
             raise ValueError("the emulated granularity must be a multiple of the host page size")
@@ -121,10 +119,7 @@ class EmulatedCudaDriver:
     def _record(self, name: str, *args: Any) -> CUresult | None:
         with self._lock:
             self.calls.append((name, args))
-        if (
-            name not in ("cuCtxSetCurrent", "cuCtxGetCurrent")
-            and getattr(self._current, "context", None) is None
-        ):
+        if name not in ("cuCtxSetCurrent", "cuCtxGetCurrent") and getattr(self._current, "context", None) is None:
             return CUresult.CUDA_ERROR_INVALID_CONTEXT
         return None
 
@@ -132,9 +127,7 @@ class EmulatedCudaDriver:
         return all(v % self.granularity == 0 for v in values)
 
     def _reserved(self, address: int, size: int) -> bool:
-        return any(
-            start <= address and address + size <= start + n for start, n in self._reservations.items()
-        )
+        return any(start <= address and address + size <= start + n for start, n in self._reservations.items())
 
     def _mappings_in(self, address: int, size: int) -> list[int]:
         index = bisect.bisect_left(self._map_starts, address)
@@ -217,13 +210,7 @@ class EmulatedCudaDriver:
             return (error,)
         if not isinstance(handle, CUmemGenericAllocationHandle) or handle.released:
             return (CUresult.CUDA_ERROR_INVALID_HANDLE,)
-        if (
-            offset
-            or flags
-            or size != handle.size
-            or not self._aligned(ptr, size)
-            or not self._reserved(ptr, size)
-        ):
+        if offset or flags or size != handle.size or not self._aligned(ptr, size) or not self._reserved(ptr, size):
             return (CUresult.CUDA_ERROR_INVALID_VALUE,)
         if self._mappings_in(ptr, size):
             return (CUresult.CUDA_ERROR_ALREADY_MAPPED,)
@@ -233,9 +220,7 @@ class EmulatedCudaDriver:
             self._mappings[ptr] = (size, handle)
         return (CUresult.CUDA_SUCCESS,)
 
-    def cuMemSetAccess(
-        self, ptr: int, size: int, descs: list[CUmemAccessDesc], count: int
-    ) -> tuple[CUresult]:  # noqa: N802
+    def cuMemSetAccess(self, ptr: int, size: int, descs: list[CUmemAccessDesc], count: int) -> tuple[CUresult]:  # noqa: N802
         error = self._record("cuMemSetAccess", ptr, size, descs, count)
         if error or count != len(descs) or not descs:
             return (error or CUresult.CUDA_ERROR_INVALID_VALUE,)

@@ -17,6 +17,7 @@ memory is a SIGSEGV on the CPU). After close() the tensors are dangling and must
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,9 +27,65 @@ from fusedserve.engine.vattention.backend import MemoryBackend
 from fusedserve.engine.vattention.cpu_backend import CpuMemoryBackend
 
 LAYOUTS = ("all_layers", "per_layer")
-DEFAULT_PAGE_SIZE = 2 * 1024 * 1024  # chosen by benchmarks/kv_layout.py (docs/results/kv_layout.json)
-DEFAULT_MAP_AHEAD_TOKENS = 16
+# (layout, page size) per device type, chosen by benchmarks/kv_layout.py (docs/results/kv_layout.json). On the CPU
+# the decode kernel reads contiguous per-layer rows faster than all-layers records; on a GPU the stock driver's
+# 2 MiB granularity makes per-layer pages far too coarse (not measured on a GPU).
+DEVICE_DEFAULTS = {"cpu": ("per_layer", 32 * 1024), "cuda": ("all_layers", 2 * 1024 * 1024)}
+MAPPING_SHARE = 0.5  # the share of vm.max_map_count the KV cache may use on the CPU
+DEFAULT_MAP_AHEAD_TOKENS = 0  # the engine's hint already names next step's length; more only idles
+DEFAULT_IDLE_RELEASE_STEPS = 32  # a freed slot keeps its pages this many steps for the next request
 DEFAULT_WATERMARK = 0.01  # share of pages admission leaves free for running requests to grow into
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a spec maps onto pages: regions (tensors), per-slot strides, the page budget."""
+
+    num_regions: int
+    token_bytes: int  # one token in one region
+    slot_stride: int  # bytes per slot per region, a whole number of pages
+    num_pages: int  # page groups the budget buys (one page in every region)
+    page_size: int
+    num_slots: int
+
+    @property
+    def region_bytes(self) -> int:
+        return self.slot_stride * self.num_slots
+
+    @property
+    def reservation_bytes(self) -> int:
+        return self.region_bytes * self.num_regions
+
+
+def plan_memory(spec: KVCacheSpec, page_size: int, budget_bytes: int, layout: str) -> MemoryPlan:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    element = torch.empty((), dtype=spec.dtype).element_size()
+    row_bytes = spec.num_kv_heads * spec.head_dim * element  # one token, one layer, K or V
+    num_regions = 1 if layout == "all_layers" else 2 * spec.num_layers
+    token_bytes = row_bytes * (2 * spec.num_layers if layout == "all_layers" else 1)
+    pages_per_slot = math.ceil(spec.max_model_len * token_bytes / page_size)
+    num_pages = min(budget_bytes // (page_size * num_regions), pages_per_slot * spec.max_num_seqs)
+    if num_pages < 1:
+        raise ValueError(f"KV budget {budget_bytes} bytes is less than one page in each of {num_regions} regions")
+    return MemoryPlan(num_regions, token_bytes, pages_per_slot * page_size, num_pages, page_size, spec.max_num_seqs)
+
+
+def _slot_row_bytes(spec: KVCacheSpec, layout: str, granularity: int) -> int:
+    """One slot's full-length range in one region, rounded up to the granularity."""
+    element = torch.empty((), dtype=spec.dtype).element_size()
+    regions_per_token = 2 * spec.num_layers if layout == "all_layers" else 1
+    row = spec.max_model_len * spec.num_kv_heads * spec.head_dim * element * regions_per_token
+    return -(-row // granularity) * granularity
+
+
+def max_map_count() -> int:
+    """The kernel's limit on memory mappings (VMAs) per process."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except OSError:
+        return 65530  # the kernel's default
 
 
 def make_backend(device: torch.device | str) -> MemoryBackend:
@@ -47,16 +104,21 @@ class VAttentionKVCache(KVCache):
     def __init__(
         self,
         spec: KVCacheSpec,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: int | None = None,
         memory_budget_bytes: int | None = None,
         device: torch.device | str = "cpu",
         *,
-        layout: str = "all_layers",
+        layout: str | None = None,
         backend: MemoryBackend | None = None,
         map_ahead_tokens: int = DEFAULT_MAP_AHEAD_TOKENS,
+        idle_release_steps: int = DEFAULT_IDLE_RELEASE_STEPS,
         watermark: float = DEFAULT_WATERMARK,
     ) -> None:
+        """`page_size` and `layout` default to the device's measured choice (DEVICE_DEFAULTS)."""
         super().__init__(spec)
+        default_layout, default_page = DEVICE_DEFAULTS.get(torch.device(device).type, DEVICE_DEFAULTS["cpu"])
+        layout = layout or default_layout
+        page_size = page_size or default_page
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
         self.backend = backend if backend is not None else make_backend(device)
@@ -64,60 +126,55 @@ class VAttentionKVCache(KVCache):
             raise ValueError(f"page size must be positive, not {page_size}")
         granularity = self.backend.granularity  # stock CUDA drivers: 2 MiB; the CPU: 4 KiB
         page_size = -(-page_size // granularity) * granularity
+        page_size = min(page_size, _slot_row_bytes(spec, layout, granularity))  # a bigger page is pure waste
         self.layout = layout
         self.page_size = page_size
-        element = torch.empty((), dtype=spec.dtype).element_size()
-        row_bytes = spec.num_kv_heads * spec.head_dim * element  # one token, one layer, K or V
-        num_regions = 1 if layout == "all_layers" else 2 * spec.num_layers
-        token_bytes = row_bytes * (2 * spec.num_layers if layout == "all_layers" else 1)
-        slot_stride = math.ceil(spec.max_model_len * token_bytes / page_size) * page_size
-        region_bytes = slot_stride * spec.max_num_seqs
-        self._reservation_bytes = region_bytes * num_regions
-        self._base = self.backend.reserve(self._reservation_bytes, page_size)
+        budget = memory_budget_bytes if memory_budget_bytes is not None else self.static_bytes(spec)
+        self.plan = plan = plan_memory(spec, page_size, budget, layout)
+        # Every mapping that cannot merge with its neighbour costs a kernel VMA on the CPU; the allocator refuses
+        # growth (the scheduler then preempts) before the cache's share of vm.max_map_count runs out.
+        max_mappings = int(MAPPING_SHARE * max_map_count()) if self.backend.device.type == "cpu" else None
+        self._base = self.backend.reserve(plan.reservation_bytes, page_size)
         geometry = SlotGeometry(
-            region_addresses=tuple(self._base + r * region_bytes for r in range(num_regions)),
+            region_addresses=tuple(self._base + r * plan.region_bytes for r in range(plan.num_regions)),
             num_slots=spec.max_num_seqs,
-            slot_stride=slot_stride,
-            token_bytes=token_bytes,
+            slot_stride=plan.slot_stride,
+            token_bytes=plan.token_bytes,
             page_size=page_size,
             max_tokens=spec.max_model_len,
         )
-        budget = memory_budget_bytes if memory_budget_bytes is not None else self.static_bytes(spec)
-        num_pages = min(
-            budget // geometry.group_bytes, geometry.pages_for(spec.max_model_len) * spec.max_num_seqs
-        )
-        if num_pages < 1:
-            raise ValueError(
-                f"KV budget {budget} bytes is less than one page group ({geometry.group_bytes} bytes)"
+        try:
+            self._allocator = PageAllocator(
+                self.backend, geometry, plan.num_pages, map_ahead_tokens, idle_release_steps, max_mappings
             )
-        self._allocator = PageAllocator(self.backend, geometry, num_pages, map_ahead_tokens)
-        self._watermark_pages = math.ceil(watermark * num_pages)
-        self._build_tensors(element, slot_stride // element, region_bytes // element)
+        except ValueError:
+            self.backend.free_reservation(self._base, plan.reservation_bytes)
+            raise
+        self._watermark_pages = math.ceil(watermark * plan.num_pages)
+        element = torch.empty((), dtype=spec.dtype).element_size()
+        self._build_tensors(plan.slot_stride // element, plan.region_bytes // element)
         self._closed = False
+        self._admission_hint: int | None = None  # the length can_admit last approved (best-fit slot choice)
 
     @staticmethod
     def static_bytes(spec: KVCacheSpec) -> int:
         """What the static backend reserves for this spec: every slot at max_model_len."""
         return spec.bytes_per_token * spec.max_model_len * spec.max_num_seqs
 
-    def _build_tensors(self, element: int, slot_stride: int, region_stride: int) -> None:
+    def _build_tensors(self, slot_stride: int, region_stride: int) -> None:
         spec = self.spec
-        flat = self.backend.wrap_tensor(self._base, self._reservation_bytes).view(spec.dtype)
+        flat = self.backend.wrap_tensor(self._base, self.plan.reservation_bytes).view(spec.dtype)
         size = spec.shape
         row = spec.num_kv_heads * spec.head_dim
         if self.layout == "all_layers":
             stride = (slot_stride, 2 * spec.num_layers * row, spec.head_dim, 1)
-            self.key_cache = [
-                flat.as_strided(size, stride, 2 * layer * row) for layer in range(spec.num_layers)
-            ]
+            self.key_cache = [flat.as_strided(size, stride, 2 * layer * row) for layer in range(spec.num_layers)]
             self.value_cache = [
                 flat.as_strided(size, stride, (2 * layer + 1) * row) for layer in range(spec.num_layers)
             ]
         else:
             stride = (slot_stride, row, spec.head_dim, 1)
-            self.key_cache = [
-                flat.as_strided(size, stride, layer * region_stride) for layer in range(spec.num_layers)
-            ]
+            self.key_cache = [flat.as_strided(size, stride, layer * region_stride) for layer in range(spec.num_layers)]
             self.value_cache = [
                 flat.as_strided(size, stride, (spec.num_layers + layer) * region_stride)
                 for layer in range(spec.num_layers)
@@ -126,7 +183,8 @@ class VAttentionKVCache(KVCache):
     # -- the KVCache interface ---------------------------------------------------------------------
     def allocate_slot(self) -> int | None:
         """A free slot, preferring the one whose pages are still mapped (deferred reclamation)."""
-        best = self._allocator.best_free_slot(self._free_slots)
+        hint, self._admission_hint = self._admission_hint, None
+        best = self._allocator.best_free_slot(self._free_slots, hint)
         if best is not None:
             self._free_slots.remove(best)
             self._free_slots.append(best)  # the base class hands out the last free slot
@@ -138,8 +196,11 @@ class VAttentionKVCache(KVCache):
     def can_admit(self, num_tokens: int) -> bool:
         if self.num_free_slots == 0 or num_tokens > self.spec.max_model_len:
             return False
+        self._admission_hint = num_tokens  # the scheduler allocates a slot for this request next
         needed = self._allocator.geometry.pages_for(num_tokens)
-        return needed <= self._allocator.available_pages() - self._watermark_pages
+        # The watermark keeps room for running requests to grow; with none running a request may use it all.
+        watermark = self._watermark_pages if self.num_free_slots < self.spec.max_num_seqs else 0
+        return needed <= self._allocator.available_pages() - watermark
 
     def usage(self, live_tokens: int) -> KVUsage:
         group = self._allocator.geometry.group_bytes
@@ -149,11 +210,17 @@ class VAttentionKVCache(KVCache):
             bytes_budget=self._allocator.num_pages * group,
             slots_in_use=self.spec.max_num_seqs - self.num_free_slots,
             usage_perc=self._allocator.active_pages() / self._allocator.num_pages,
+            pages_mapped_total=self.stats.pages_mapped,
+            pages_unmapped_total=self.stats.pages_unmapped,
         )
 
     def prepare_next_step(self, upcoming_lengths: dict[int, int]) -> None:
         """Map pages for the lengths slots reach next on the background thread (joined on the next call)."""
         self._allocator.map_ahead(upcoming_lengths)
+
+    def step_queued(self) -> None:
+        """Mark the step's queued kernels; the backend waits for them before any later unmap (CUDA)."""
+        self.backend.record_queued_work()
 
     def close(self) -> None:
         if self._closed:
@@ -161,7 +228,7 @@ class VAttentionKVCache(KVCache):
         self._closed = True
         self.key_cache, self.value_cache = [], []
         self._allocator.close()
-        self.backend.free_reservation(self._base, self._reservation_bytes)
+        self.backend.free_reservation(self._base, self.plan.reservation_bytes)
         self.backend.close()
 
     def _grow_slot_memory(self, slot: int, num_tokens: int) -> bool:
