@@ -1,4 +1,4 @@
-"""A server with API keys (flags and FUSEDSERVE_API_KEY), open /metrics, and a per-request time limit."""
+"""A server with API keys (flags and FUSEDSERVE_API_KEY), open /metrics, CORS for one origin, a time limit."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 TIMEOUT_S = 3
+ALLOWED_ORIGIN = "https://app.example"
 LONG = {"model": MODEL, "messages": MESSAGES, "max_tokens": 900, "ignore_eos": True}
 
 
@@ -24,7 +25,7 @@ LONG = {"model": MODEL, "messages": MESSAGES, "max_tokens": 900, "ignore_eos": T
 def guarded_server(server_launcher: Launcher) -> Iterator[RunningServer]:
     flags = (
         "--max-model-len", "1024", "--api-key", "key-one", "key-two", "--metrics-no-auth",
-        "--request-timeout", str(TIMEOUT_S), "--disable-access-log",
+        "--request-timeout", str(TIMEOUT_S), "--allowed-origins", ALLOWED_ORIGIN, "--disable-access-log",
     )  # fmt: skip
     with server_launcher(*flags, api_key="key-one", env={"FUSEDSERVE_API_KEY": "key-env"}) as server:
         yield server
@@ -100,3 +101,29 @@ def test_error_event_is_followed_by_done(guarded_server: RunningServer) -> None:
     ) as response:
         events = [line for line in response.iter_lines() if line]
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+def preflight(server: RunningServer, origin: str) -> httpx.Response:
+    headers = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    return httpx.options(f"{server.base_url}/v1/chat/completions", headers=headers)
+
+
+def test_cors_preflight_from_allowed_origin_needs_no_key(guarded_server: RunningServer) -> None:
+    response = preflight(guarded_server, ALLOWED_ORIGIN)
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+
+
+def test_cors_preflight_from_other_origin_is_refused(guarded_server: RunningServer) -> None:
+    response = preflight(guarded_server, "https://evil.example")
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_cors_headers_on_an_authorized_response(guarded_server: RunningServer) -> None:
+    headers = {**guarded_server.headers(), "Origin": ALLOWED_ORIGIN}
+    response = httpx.get(f"{guarded_server.base_url}/v1/models", headers=headers)
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == ALLOWED_ORIGIN

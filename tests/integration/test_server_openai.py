@@ -276,3 +276,8 @@ def test_health_version_metrics(default_server: RunningServer) -> None:
 def test_openapi_schema_lists_the_openai_routes(default_server: RunningServer) -> None:
     paths = httpx.get(f"{default_server.base_url}/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"} <= set(paths)
+
+
+def test_cors_is_off_by_default(default_server: RunningServer) -> None:
+    response = default_server.http().get("/v1/models", headers={"Origin": "https://app.example"})
+    assert response.status_code == 200 and "access-control-allow-origin" not in response.headers
