@@ -149,7 +149,7 @@ class AsyncEngine:
         text, finished, reason = check.text, output.finished, output.finish_reason
         stop_reason = output.stop_reason
         if check.stopped and not output.finished:
-            self.abort(request_id)
+            self._inbox.put(("stop", (request_id, check.stop_str)))
             finished, reason, stop_reason = True, "stop", check.stop_str
         elif check.stopped:
             reason, stop_reason = "stop", check.stop_str
@@ -205,6 +205,8 @@ class AsyncEngine:
                     self._send_error(request_id, error)
             elif command == "abort":
                 self.engine.abort_request(payload)
+            elif command == "stop":
+                self.engine.stop_request(*payload)
             try:
                 command, payload = self._inbox.get_nowait()
             except queue.Empty:

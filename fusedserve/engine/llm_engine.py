@@ -129,6 +129,14 @@ class LLMEngine:
             self._finish(request, RequestStatus.FINISHED_ABORTED)
             self._pending.append(self._output_of(request))
 
+    def stop_request(self, request_id: str, stop_reason: str) -> None:
+        """End a request that the caller found complete (a stop string matched in its text)."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.stop_reason = stop_reason
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            self._pending.append(self._output_of(request))
+
     def fail_request(self, request: Request, message: str) -> None:
         request.error = message
         self._finish(request, RequestStatus.FINISHED_ERROR)
@@ -163,7 +171,10 @@ class LLMEngine:
         stats.step_seconds = time.monotonic() - started
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
+        before = stats.kv_usage
         stats.kv_usage = self.kv_cache.usage(self.scheduler.live_tokens())
+        stats.pages_mapped = stats.kv_usage.pages_mapped_total - before.pages_mapped_total
+        stats.pages_unmapped = stats.kv_usage.pages_unmapped_total - before.pages_unmapped_total
         self.observer.on_step(stats)
         return outputs
 
