@@ -137,7 +137,8 @@ class AsyncEngine:
                 param="input_tokens",
             )
         limit = self.engine.config.scheduler.max_waiting
-        if limit is not None and self._stats["num_waiting"] + self._inbox.qsize() >= limit:
+        # Requests not yet running = open streams minus running ones (queued adds included; aborts are not).
+        if limit is not None and len(self._streams) - self._stats["num_running"] >= limit:
             raise EngineOverloadedError(f"the server is busy: {limit} requests are already waiting")
 
     # -- event-loop side: tokens to text ------------------------------------------------------------------
