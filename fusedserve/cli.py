@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "fusedserve.engine.adaptivocab.cli",
     "fusedserve.engine.larosa.cli",
     "fusedserve.clients.chat",
+    "fusedserve.presets",
 ]
 
 
