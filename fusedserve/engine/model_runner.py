@@ -2,6 +2,9 @@
 
 It decides how a step runs, never what runs (admission and preemption are the scheduler's) and never maps KV
 memory (the KV cache's). Logits are computed only for the rows that sample, so prefill chunks cost no LM head.
+The batch is built on the model's device; the logits come back to the host, where the sampler works on any
+device's model (its per-row edits and per-request seeded generators are host code), so a seed draws the same
+tokens on a CPU and on a GPU. Copying [S, vocab] fp32 back is the step's one synchronisation with the device.
 """
 
 from __future__ import annotations
@@ -34,14 +37,20 @@ class ModelRunner:
             slots.append(request.slot)
             query_lens.append(chunk.num_tokens)
             context_lens.append(start + chunk.num_tokens)
-        batch = SlotBatch.build(slots, query_lens, context_lens)
+        device = self.model.device
+        batch = SlotBatch.build(slots, query_lens, context_lens, device)
         hidden = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long), batch, self.kv_cache.key_cache, self.kv_cache.value_cache
+            torch.tensor(input_ids, dtype=torch.long, device=device),
+            batch,
+            self.kv_cache.key_cache,
+            self.kv_cache.value_cache,
         )
         sampling = [i for i, chunk in enumerate(scheduled.chunks) if chunk.samples]
-        rows = torch.tensor([batch.token_starts[i] + query_lens[i] - 1 for i in sampling], dtype=torch.long)
-        logits = self.model.compute_logits(hidden.index_select(0, rows)) if sampling else hidden.new_empty(0)
-        return [scheduled.chunks[i].request for i in sampling], logits
+        rows = [batch.token_starts[i] + query_lens[i] - 1 for i in sampling]
+        rows_tensor = torch.tensor(rows, dtype=torch.long, device=device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows_tensor)) if sampling else hidden.new_empty(0)
+        self.kv_cache.step_queued()
+        return [scheduled.chunks[i].request for i in sampling], logits.to("cpu")
 
     def sample(self, requests: list[Request], logits: torch.Tensor) -> list[SampleResult]:
         return self.sampler.sample(logits, requests)

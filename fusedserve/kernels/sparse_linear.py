@@ -9,7 +9,8 @@ is a per-call speed choice:
 - dense: the top-k-masked input through a dense `Linear` (dense [out, in] layout; by default `DenseLinear`, which
   switches to a bf16 copy on AMX for larger row counts, so the two paths agree to fp32 or to bf16 rounding).
 Backends: the C++/OpenMP extension (kernels/cpu/sparse_linear.cpp; weights tiled [out/64, in, 64]) where it
-builds, else pure torch (F.embedding_bag over W^T [in, out], which reads per token, not per union).
+builds, else pure torch (F.embedding_bag over W^T [in, out], which reads per token, not per union). On CUDA the
+Triton kernel (kernels/gpu/sparse_gemv.py, over the same W^T) serves small batches and dense cuBLAS the rest.
 This module never changes weights and never decides sparsity levels (engine/larosa/sparsity.py does).
 """
 
@@ -109,6 +110,12 @@ class TopKSparseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if x.device.type == "cuda":
+            from fusedserve.kernels.gpu.sparse_gemv import topk_sparse_gemv, use_sparse_gemv
+
+            sparse = use_sparse_gemv(rows, self.k, self.in_features)
+            self._count(sparse)
+            return topk_sparse_gemv(x, self.weight_t, self.bias, self.k) if sparse else self.dense(topk_mask(x, self.k))
         if self._ext is not None:
             if rows <= SPARSE_MAX_ROWS:
                 fraction = max_union_fraction(self._union_table, rows)

@@ -45,7 +45,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=Path, default=None, help="model folder (default: SmolLM2-135M)")
     model.add_argument("--served-model-name", nargs="+", default=None, help="names clients may use")
-    model.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    model.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default=None,
+        help="default: float32 on the CPU, bfloat16 on CUDA (where auto is bfloat16 too)",
+    )
+    model.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when torch sees a GPU"
+    )
     model.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
     engine = parser.add_argument_group("engine")
@@ -100,8 +108,12 @@ def served_model_names(args: argparse.Namespace, model_dir: Path) -> list[str]:
 
 
 def build_engine_config(args: argparse.Namespace, model_dir: Path, model_name: str) -> EngineConfig:
+    from fusedserve.engine.device import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model = ModelConfig(model_dir, model_name, dtype=resolve_dtype(args.dtype, device), device=str(device))
     return EngineConfig(
-        model=ModelConfig(model_dir=model_dir, served_model_name=model_name, dtype=args.dtype),
+        model=model,
         cache=CacheConfig(
             kv_backend=args.kv_backend, kv_cache_memory=args.kv_cache_memory, kv_page_size=args.kv_page_size
         ),
@@ -139,11 +151,17 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fusedserve.engine.async_engine import AsyncEngine
+    from fusedserve.engine.device import DeviceUnavailableError, resolve_device
     from fusedserve.server.app import create_app
     from fusedserve.server.metrics import EngineMetrics
 
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=log_format)
+    try:
+        logger.info("device: %s", resolve_device(args.device))  # fail fast, before loading anything
+    except DeviceUnavailableError as error:
+        logger.error("%s", error)
+        return 2
     model_dir = resolve_model_dir(args)
     names = served_model_names(args, model_dir)
     engine_config = build_engine_config(args, model_dir, names[0])

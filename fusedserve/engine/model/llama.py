@@ -49,7 +49,7 @@ class LlamaModel:
         self.layers = layers
         self.final_norm = final_norm
         self.lm_head = lm_head
-        self.rope = RotaryEmbedding(arch, max_positions, embed_tokens.dtype)
+        self.rope = RotaryEmbedding(arch, max_positions, embed_tokens.dtype, embed_tokens.device)
         self.scale = arch.head_dim**-0.5
         self._q_size = arch.num_heads * arch.head_dim
         self._kv_size = arch.num_kv_heads * arch.head_dim
@@ -57,6 +57,11 @@ class LlamaModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live; inputs, the KV cache and the batch's index tensors must be there too."""
+        return self.embed_tokens.device
 
     @torch.inference_mode()
     def forward(

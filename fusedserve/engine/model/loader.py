@@ -48,15 +48,17 @@ def load_llama(
     dtype: torch.dtype = torch.float32,
     max_positions: int | None = None,
     make_linear: LinearFactory = dense_linear_factory,
+    device: torch.device | str = "cpu",
 ) -> LlamaModel:
+    """The model with every weight in `dtype` on `device` (read on the host, moved tensor by tensor)."""
     arch = LlamaArch.from_model_dir(model_dir)
     state = read_state_dict(model_dir)
 
     def take(name: str) -> torch.Tensor:
-        return state.pop(name).to(dtype)
+        return state.pop(name).to(device=device, dtype=dtype)
 
     def maybe(name: str) -> torch.Tensor | None:
-        return state.pop(name).to(dtype) if name in state else None
+        return take(name) if name in state else None
 
     layers = []
     for i in range(arch.num_layers):

@@ -41,11 +41,13 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding:
     """Precomputed cos/sin tables up to `max_positions`; apply() rotates q or k of shape [T, heads, head_dim]."""
 
-    def __init__(self, arch: LlamaArch, max_positions: int, dtype: torch.dtype) -> None:
-        positions = torch.arange(max_positions, dtype=torch.float64)
+    def __init__(
+        self, arch: LlamaArch, max_positions: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
+        positions = torch.arange(max_positions, dtype=torch.float64)  # computed in fp64 on the host, then moved
         angles = torch.outer(positions, inverse_frequencies(arch))
-        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
-        self.sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(dtype)
+        self.cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(device=device, dtype=dtype)
+        self.sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(device=device, dtype=dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
