@@ -49,7 +49,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default=None,
-        help="default: float32 on the CPU, bfloat16 on CUDA (where auto is bfloat16 too)",
+        help="default auto: on the CPU fp32 weights with bf16 (AMX) compute for batches of 8+ rows; "
+        "on CUDA bfloat16. float32 is exact fp32 everywhere",
     )
     model.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when torch sees a GPU"
@@ -61,7 +62,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-model-len", type=int, default=None, help="default: model's, at most 8192")
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
     engine.add_argument("--max-waiting", type=int, default=None, help="waiting-queue bound; beyond it 429")
-    engine.add_argument("--kv-backend", choices=["static", "vattention"], default=CacheConfig.kv_backend)
+    engine.add_argument(
+        "--preset",
+        choices=["baseline", "vattention", "adaptivocab", "larosa", "fused"],
+        default=None,
+        help="technique combination: picks the prepared model folder and KV backend (see `fusedserve prepare`); "
+        "--model and --kv-backend given explicitly win",
+    )
+    engine.add_argument("--kv-backend", choices=["static", "vattention"], default=None, help="default: vattention")
     engine.add_argument("--kv-page-size", type=parse_size, default=CacheConfig.kv_page_size)
     engine.add_argument("--kv-cache-memory", type=parse_size, default=None, help="physical KV budget")
 
@@ -81,6 +89,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     levels = ["critical", "error", "warning", "info", "debug"]
     http.add_argument("--log-level", default="info", choices=levels)
     http.add_argument("--disable-access-log", action="store_true")
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill --model and --kv-backend from --preset where the user did not give them."""
+    if args.preset is not None:
+        from fusedserve.presets import PRESETS, preset_model_dir
+
+        preset = PRESETS[args.preset]
+        if args.model is None:
+            args.model = preset_model_dir(preset)
+        if args.kv_backend is None:
+            args.kv_backend = preset.kv_backend
+    if args.kv_backend is None:
+        args.kv_backend = CacheConfig.kv_backend
 
 
 def resolve_model_dir(args: argparse.Namespace) -> Path:
@@ -160,6 +182,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         logger.info("device: %s", resolve_device(args.device))  # fail fast, before loading anything
     except DeviceUnavailableError as error:
+        logger.error("%s", error)
+        return 2
+    try:
+        apply_preset(args)
+    except FileNotFoundError as error:
         logger.error("%s", error)
         return 2
     model_dir = resolve_model_dir(args)

@@ -155,7 +155,7 @@ def test_cuda_without_a_device_is_a_clear_error():
 def test_dtype_defaults_keep_the_cpu_policy_and_pick_bf16_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert [resolve_dtype(d, cpu) for d in (None, "auto", "float32", "bfloat16")] == [
-        "float32", "auto", "float32", "bfloat16"]
+        "auto", "auto", "float32", "bfloat16"]
     assert [resolve_dtype(d, cuda) for d in (None, "auto", "float32")] == ["bfloat16", "bfloat16", "float32"]
 
 
@@ -173,7 +173,7 @@ def test_serve_flags_resolve_device_and_dtype_into_the_engine_config(tmp_path: P
 
     args = build_parser().parse_args(["serve", "--device", "cpu", "--max-model-len", "64"])
     config = build_engine_config(args, tmp_path, "m")
-    assert (config.model.device, config.model.dtype) == ("cpu", "float32")
+    assert (config.model.device, config.model.dtype) == ("cpu", "auto")
 
 
 # -- the engine on the CPU with the device plumbing ------------------------------------------------
