@@ -27,11 +27,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "docs" / "results"
 ADAPTED = REPO / "runs" / "adaptivocab" / "smollm2-pydocs"
 FINETUNED = REPO / "runs" / "adaptivocab" / "smollm2-pydocs-ft"
+CURVE_POINTS = (500, 1000, 2000, 3000, 5000, 7500, 10000, 15000)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="tokens,bpb,serve")
+    parser.add_argument("--parts", default="tokens,curve,bpb,serve")
     parser.add_argument("--original", type=Path, default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--adapted", type=Path, default=ADAPTED)
     parser.add_argument("--finetuned", type=Path, default=FINETUNED)
@@ -147,6 +148,43 @@ def finetune_steps(folder: Path) -> int:
     return int(entry.get("finetune", {}).get("steps_done", 0))
 
 
+def curve_part(args: argparse.Namespace, original_dir: Path) -> dict:
+    """Held-out token reduction after the first k choices, for several k (one selection run, prefixes of it)."""
+    from fusedserve.engine.adaptivocab.bpe_vocab import decompose, read_bpe_vocab
+    from fusedserve.engine.adaptivocab.build import chat_template_tokens
+    from fusedserve.engine.adaptivocab.corpus import load_split
+    from fusedserve.engine.adaptivocab.patch_data import VocabPatch
+    from fusedserve.engine.adaptivocab.patch_tokenizer import PatchTokenizer
+    from fusedserve.engine.adaptivocab.vocab_builder import BuildConfig, build_vocab_patch
+    from fusedserve.engine.manifest import read_manifest
+    from fusedserve.engine.tokenizer import HFTokenizer
+
+    entry = read_manifest(args.adapted)["adaptivocab"]
+    split = load_split(args.corpus or entry["corpus"], entry.get("heldout_fraction", 0.1))
+    base = HFTokenizer(original_dir)
+    bpe = read_bpe_vocab(Path(original_dir) / "tokenizer.json")
+    template = chat_template_tokens(base, entry["max_n"])
+    train = [base.encode(d.text) for d in split.train]
+    config = BuildConfig(replace=max(CURVE_POINTS), max_n=entry["max_n"], min_count=entry.get("min_count", 2))
+    _, selections = build_vocab_patch(train, bpe, template.ids, config, excluded_ngrams=template.ngrams)
+    texts = [d.text for d in split.heldout]
+    original = sum(len(base.encode(t)) for t in texts)
+    curve = {}
+    for k in CURVE_POINTS:
+        chosen = selections[:k]
+        removed = {s.token_id for s in chosen}
+        patch = VocabPatch(
+            entry["max_n"],
+            {s.token_id: s.pieces for s in chosen},
+            {r: decompose(r, bpe.merge_parts, removed) for r in removed},
+            bpe.size,
+        )
+        adapted = sum(len(ids) for ids in PatchTokenizer(base, patch).encode_batch(texts))
+        curve[str(k)] = round(1 - adapted / original, 4)
+        print(f"replace {k}: {curve[str(k)]:.1%} fewer held-out tokens")
+    return curve
+
+
 def serve_part(args: argparse.Namespace, original_dir: Path, tokens: dict) -> dict:
     from adaptivocab_serve import serve_benchmark
 
@@ -237,7 +275,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tokens, bpb, serve = results.get("tokens", {}), results.get("bpb", {}), results.get("serve", {})
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     if tokens:
         docs = tokens["per_document"]
         axes[0].scatter([d["original"] for d in docs], [d["adapted"] for d in docs], s=12)
@@ -273,6 +311,15 @@ def plot(results: dict, path: Path) -> None:
         axes[2].set(ylabel="adapted+FT / original", title="serving, equal-length outputs in characters")
     else:
         axes[2].set_axis_off()
+    curve = results.get("reduction_by_replace", {})
+    if curve:
+        points = sorted((int(k), v) for k, v in curve.items())
+        axes[3].plot([k for k, _ in points], [100 * v for _, v in points], "o-")
+        axes[3].axhline(25, color="g", ls=":", label="25% target")
+        axes[3].set(xlabel="original tokens replaced", ylabel="% fewer held-out tokens", title="saving vs --replace")
+        axes[3].legend()
+    else:
+        axes[3].set_axis_off()
     fig.suptitle("AdaptiVocab on SmolLM2-135M-Instruct, Python documentation domain")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +335,8 @@ def main() -> int:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if "tokens" in parts:
         results["tokens"] = tokens_part(args, original_dir)
+    if "curve" in parts:
+        results["reduction_by_replace"] = curve_part(args, original_dir)
     if "bpb" in parts:
         scored = bpb_part(args, original_dir)
         results["bpb"] = {**results.get("bpb", {}), **scored}

@@ -51,7 +51,7 @@ class VocabPatch:
             "max_n": self.max_n,
             "vocab_size": self.vocab_size,
             "stats": self.stats,
-            "new_tokens": {str(i): list(p) for i, p in sorted(self.new_tokens.items())},
+            "new_tokens": {str(i): list(p) for i, p in self.new_tokens.items()},  # in selection order
             "removed": {str(i): list(p) for i, p in sorted(self.removed.items())},
         }
         path.write_text(json.dumps(data, indent=1))
