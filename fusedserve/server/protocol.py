@@ -8,6 +8,7 @@ never imports the engine.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -18,10 +19,31 @@ MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 
 TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# JSON's \ud800-\udfff escapes can smuggle in lone UTF-16 surrogates: Python strings that no UTF-8 text (and
+# so no tokenizer, and no JSON response that echoes them) can hold.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a str, or any str inside a JSON list or object (keys too), holds a lone surrogate."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value if not isinstance(item, int))
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    return False
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _text_is_valid_unicode(cls, value: Any) -> Any:
+        if _has_lone_surrogate(value):
+            raise ValueError("text must be valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)")
+        return value
 
 
 class StreamOptions(StrictModel):

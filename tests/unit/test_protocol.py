@@ -239,6 +239,30 @@ def test_detokenize_needs_non_negative_ids() -> None:
     assert rejected(DetokenizeRequest, {"tokens": [1, -2]}).param == "tokens[1]"
 
 
+LONE = "\ud800"  # a lone UTF-16 surrogate, as JSON's "\\ud800" escape decodes
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param"),
+    [
+        (CompletionRequest, {"prompt": f"a{LONE}b"}, "prompt"),
+        (CompletionRequest, {"prompt": ["ok", LONE]}, "prompt"),
+        (CompletionRequest, {"prompt": "x", "model": LONE}, "model"),
+        (CompletionRequest, {"prompt": "x", "stop": [LONE]}, "stop"),
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+        (ChatCompletionRequest, {"messages": MESSAGES, "chat_template_kwargs": {LONE: 1}}, "chat_template_kwargs"),
+        (TokenizeRequest, {"prompt": LONE}, "prompt"),
+    ],
+)
+def test_lone_surrogate_in_any_text_is_rejected(model: type, body: dict[str, Any], param: str) -> None:
+    error = rejected(model, body)
+    assert error.param == param and "surrogate" in error.message
+
+
+def test_surrogate_pair_decoded_to_one_character_is_accepted() -> None:
+    assert completion(prompt="smile \U0001f600").prompt == "smile \U0001f600"
+
+
 # --- error paths and engine-facing checks ---
 
 
