@@ -103,6 +103,10 @@ class KVCache(ABC):
     def prepare_next_step(self, upcoming_lengths: dict[int, int]) -> None:  # noqa: B027 - optional hook
         """Hint, after scheduling: the lengths slots will reach soon. Demand-paged backends map ahead here."""
 
+    def release_idle_memory(self) -> None:  # noqa: B027 - optional hook
+        """The engine has nothing left to run: give memory that no request holds back (demand-paged backends).
+        Returns once it is given back, so usage() read next is current."""
+
     def step_queued(self) -> None:  # noqa: B027 - optional hook
         """The runner has queued this step's kernels (a GPU may still run them): memory they read must outlive
         them. Device backends mark the point here and wait for it before unmapping anything."""

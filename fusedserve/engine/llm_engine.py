@@ -168,6 +168,8 @@ class LLMEngine:
         outputs = self._pending + [self._output_of(r) for r in touched if r.request_id in self.requests]
         self._pending = []
         self._forget_finished(outputs)
+        if not self.scheduler.has_work:  # idle from here on: freed slots' KV pages go back to the OS now
+            self.kv_cache.release_idle_memory()
         stats.step_seconds = time.monotonic() - started
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)

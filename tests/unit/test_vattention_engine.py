@@ -89,3 +89,16 @@ def test_factory_built_vattention_engine_matches_static(model_dir, static_tokens
     assert [t.data_ptr() for t in engine.kv_cache.key_cache] == pointers
     assert engine.kv_cache.stats.pages_mapped_ahead > 0  # decode pages were mapped off the critical path
     engine.kv_cache.close()
+
+
+def test_idle_engine_gives_every_kv_page_back(model_dir):
+    engine = LLMEngine.from_config(_config(model_dir, "vattention"))
+    _generate(engine)
+    assert engine.kv_cache.usage(0).bytes_mapped == 0  # finished requests' slots keep no pages once idle
+    engine.add_request("gone", PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.kv_cache.usage(0).bytes_mapped > 0
+    engine.abort_request("gone")
+    engine.step()
+    assert not engine.has_work and engine.kv_cache.usage(0).bytes_mapped == 0
+    engine.kv_cache.close()

@@ -218,6 +218,10 @@ class VAttentionKVCache(KVCache):
         """Map pages for the lengths slots reach next on the background thread (joined on the next call)."""
         self._allocator.map_ahead(upcoming_lengths)
 
+    def release_idle_memory(self) -> None:
+        self._allocator.wait()
+        self._allocator.release_idle_pages()
+
     def step_queued(self) -> None:
         """Mark the step's queued kernels; the backend waits for them before any later unmap (CUDA)."""
         self.backend.record_queued_work()
