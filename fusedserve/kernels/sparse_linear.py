@@ -28,11 +28,13 @@ from fusedserve.kernels.linear import DenseLinear, Linear
 CPP_SOURCE = "sparse_linear.cpp"
 CPP_TILE = 64  # output columns per weight tile of the C++ kernel
 SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers the input: always dense
-# Largest union of kept channels (fraction of the inputs) at which the sparse path still beats dense, by row
-# count (the next larger key applies); measured by benchmarks/sparse_linear.py on this machine (fp32, SmolLM2
-# shapes, 1 and 2 threads). The C++ kernel's register-blocked batch path beats MKL's small-M sgemm even at a
-# full union, so its crossover lies above 1.0; the torch path reads k rows per token and only pays at 1 row.
-MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}
+# Largest union of kept channels (fraction of the inputs) at which the sparse path still beats the engine's
+# default dense path, by row count (the smallest key >= rows applies), measured by benchmarks/sparse_linear.py
+# on this machine (1 thread, SmolLM2 shapes, 30 layers of weights streaming from memory). Below 8 rows the dense
+# path is fp32 sgemv/sgemm, which the register-blocked kernel beats even at a full union for 4-7 rows; from 8
+# rows the dense path runs bf16 on AMX and the sparse path only pays for small unions. Against an all-fp32
+# dense path these limits are conservative (sparse would win more often; dense is never slower than itself).
+MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 1.0, 2: 0.9, 3: 0.9, 4: 1.0, 7: 1.0, 8: 0.45, 16: 0.34}
 MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
 
 

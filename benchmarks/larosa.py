@@ -1,0 +1,270 @@
+"""LaRoSA on SmolLM2-135M: perplexity and decode speed, LaRoSA vs unrotated top-k (TEAL-style) vs dense.
+
+1. Quality: perplexity on held-out Python-documentation text (never seen by calibration) at sparsity 0/25/40/50%
+   for LaRoSA (rotated folder) and for plain magnitude top-k on the original model with the same per-module
+   coefficients. Exact fp32 dense layers, so the numbers measure the method, not bf16 rounding.
+2. Speed: decode tokens/s of the model forward + LM head with a single-position KV write per sequence (context
+   fixed at --context tokens), at batch 1, 4 and 16, dense vs LaRoSA 40% and 50%, with the engine's default
+   mixed-precision dense layers. Configurations are interleaved round by round and each ratio is the median of
+   per-round ratios, so load from other processes on the shared cores hits all of them alike. Runs at 1 and 2
+   torch threads.
+3. The union of kept channels per batch (LaRoSA vs unrotated), which decides the per-step sparse/dense choice.
+Writes docs/results/larosa.json (with a "summary" object) and a PNG; prints tables. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fusedserve.engine.larosa.calibrate import CalibrationConfig, build_larosa_model
+from fusedserve.engine.larosa.corpus import PYTHON_DOCS, corpus_windows
+from fusedserve.engine.larosa.runtime import sparse_linear_factory
+from fusedserve.engine.larosa.sparsity import plan_for_arch
+from fusedserve.engine.model.default_model import cache_root, ensure_default_model
+from fusedserve.engine.model.llama import LlamaModel
+from fusedserve.engine.model.loader import LinearFactory, dense_linear_factory, load_llama
+from fusedserve.kernels.attention import SlotBatch
+from fusedserve.kernels.sparse_linear import TopKSparseLinear, topk_mask
+
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+
+
+def factory_for(model_dir: Path, sparsity: float, dense: LinearFactory) -> LinearFactory:
+    if sparsity == 0.0:
+        return dense
+    return sparse_linear_factory(plan_for_arch(load_arch(model_dir), sparsity), dense)
+
+
+def load_arch(model_dir: Path):
+    from fusedserve.engine.model.arch import LlamaArch
+
+    return LlamaArch.from_model_dir(model_dir)
+
+
+def caches(model: LlamaModel, slots: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    arch = model.arch
+    shape = (slots, length, arch.num_kv_heads, arch.head_dim)
+    return [torch.zeros(shape) for _ in model.layers], [torch.zeros(shape) for _ in model.layers]
+
+
+@torch.inference_mode()
+def perplexity(model: LlamaModel, windows: list[torch.Tensor]) -> float:
+    total_nll, total_tokens = 0.0, 0
+    for ids in windows:
+        n = ids.shape[0]
+        keys, values = caches(model, 1, n)
+        hidden = model.forward(ids, SlotBatch.build([0], [n], [n]), keys, values)
+        logits = model.compute_logits(hidden[:-1])
+        total_nll += F.cross_entropy(logits, ids[1:], reduction="sum").item()
+        total_tokens += n - 1
+    return math.exp(total_nll / total_tokens)
+
+
+def quality(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tensor], sparsities: list[float]) -> dict:
+    results: dict[str, dict[str, float]] = {"larosa": {}, "topk": {}}
+    for method, model_dir in (("larosa", larosa_dir), ("topk", dense_dir)):
+        for s in sparsities:
+            if method == "topk" and s == 0.0:
+                continue
+            started = time.perf_counter()
+            model = load_llama(model_dir, make_linear=factory_for(model_dir, s, dense_linear_factory))
+            results[method][f"{s:.2f}"] = ppl = perplexity(model, windows)
+            print(f"  ppl {method:6s} s={s:.2f}: {ppl:8.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
+            del model
+    results["dense"] = results["larosa"]["0.00"]  # rotated dense == original dense (tested to 1e-3)
+    return results
+
+
+class DecodeBench:
+    """One model prepared for decode steps of a given batch size: KV caches filled, fixed positions."""
+
+    def __init__(self, model: LlamaModel, batch_sizes: list[int], context: int) -> None:
+        self.model = model
+        self.keys, self.values = caches(model, max(batch_sizes), context + 1)
+        gen = torch.Generator().manual_seed(0)
+        for slot in range(max(batch_sizes)):  # a real prompt per slot so attention reads real K/V
+            ids = torch.randint(0, model.arch.vocab_size, (context,), generator=gen)
+            model.forward(ids, SlotBatch.build([slot], [context], [context]), self.keys, self.values)
+        self.context = context
+
+    def step_seconds(self, batch_size: int, steps: int) -> float:
+        batch = SlotBatch.build(list(range(batch_size)), [1] * batch_size, [self.context + 1] * batch_size)
+        ids = torch.arange(batch_size) + 100
+        started = time.perf_counter()
+        for _ in range(steps):
+            self.model.compute_logits(self.model.forward(ids, batch, self.keys, self.values))
+        return (time.perf_counter() - started) / steps
+
+
+def sparse_fraction(model: LlamaModel) -> float:
+    layers = [m for layer in model.layers for m in vars(layer).values() if isinstance(m, TopKSparseLinear)]
+    sparse = sum(layer.stats.sparse_calls for layer in layers)
+    total = sparse + sum(layer.stats.dense_calls for layer in layers)
+    for layer in layers:
+        layer.stats.sparse_calls = layer.stats.dense_calls = 0
+    return sparse / total if total else 0.0
+
+
+def speed(dense_dir: Path, larosa_dir: Path, batch_sizes: list[int], threads: list[int], args) -> dict:
+    from fusedserve.engine.model.loader import mixed_precision_linear_factory as mixed
+
+    configs = {"dense": (dense_dir, 0.0), "larosa_40": (larosa_dir, 0.4), "larosa_50": (larosa_dir, 0.5)}
+    benches = {
+        name: DecodeBench(load_llama(d, max_positions=args.context + 1, make_linear=factory_for(d, s, mixed)),
+                          batch_sizes, args.context)
+        for name, (d, s) in configs.items()
+    }
+    results: dict[str, dict] = {}
+    for thread_count in threads:
+        torch.set_num_threads(thread_count)
+        for b in batch_sizes:
+            for bench in benches.values():
+                bench.step_seconds(b, 2)  # warm-up
+                sparse_fraction(bench.model)
+            rounds: dict[str, list[float]] = {name: [] for name in benches}
+            for _ in range(args.rounds):
+                for name, bench in benches.items():
+                    rounds[name].append(bench.step_seconds(b, args.steps))
+            row = {"tok_s": {n: b / statistics.median(t) for n, t in rounds.items()}}
+            for name in ("larosa_40", "larosa_50"):
+                pairs = zip(rounds["dense"], rounds[name], strict=True)
+                row[f"speedup_{name}"] = statistics.median(d / s for d, s in pairs)
+                row[f"sparse_call_fraction_{name}"] = sparse_fraction(benches[name].model)
+            results[f"t{thread_count}_b{b}"] = row
+            print(f"  threads={thread_count} batch={b:2d}: " + "  ".join(
+                f"{n} {v:7.1f} tok/s" for n, v in row["tok_s"].items())
+                + f"  x40 {row['speedup_larosa_40']:.2f}  x50 {row['speedup_larosa_50']:.2f}"
+                + f"  sparse-path {row['sparse_call_fraction_larosa_50']:.0%}", flush=True)
+    return results
+
+
+@torch.inference_mode()
+def union_fractions(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tensor], sparsity: float) -> dict:
+    """Mean union of kept channels over groups of B consecutive prompt tokens (proxy for a decode batch)."""
+    out: dict[str, dict[str, float]] = {}
+    for method, model_dir in (("larosa", larosa_dir), ("topk", dense_dir)):
+        seen: dict[int, list[float]] = {1: [], 4: [], 16: []}
+        plan = plan_for_arch(load_arch(model_dir), sparsity)
+
+        def recording(name: str, weight: torch.Tensor, bias: torch.Tensor | None, plan=plan, seen=seen):
+            inner = dense_linear_factory(name, weight, bias)
+            k = plan.kept(name.rsplit(".", 1)[-1], weight.shape[1])
+            if k is None:
+                return inner
+
+            def call(x: torch.Tensor):
+                kept = topk_mask(x, k) != 0
+                for b in seen:
+                    groups = kept[: (x.shape[0] // b) * b].view(-1, b, x.shape[1]).any(1)
+                    seen[b].append(groups.float().mean().item())
+                return inner(topk_mask(x, k))
+
+            call.in_features, call.out_features = weight.shape[1], weight.shape[0]
+            return call
+
+        model = load_llama(model_dir, make_linear=recording)
+        perplexity(model, windows[:1])
+        out[method] = {f"b{b}": statistics.mean(v) for b, v in seen.items()}
+        print(f"  union of kept channels, {method}, s={sparsity}: "
+              + "  ".join(f"{k} {v:.0%}" for k, v in out[method].items()), flush=True)
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    q = results["quality"]
+    for method, label in (("larosa", "LaRoSA (rotated)"), ("topk", "top-k, unrotated (TEAL-style)")):
+        points = sorted((float(s), p) for s, p in q[method].items())
+        if method == "topk":
+            points = [(0.0, q["dense"])] + points
+        left.plot([100 * s for s, _ in points], [p for _, p in points], marker="o", label=label)
+    left.axhline(q["dense"] * 1.05, color="grey", linestyle=":", label="dense +5%")
+    left.set(xlabel="sparsity (%)", ylabel="perplexity (held-out Python docs)", title="Quality")
+    left.legend()
+    speeds = results["speed"]
+    labels = list(speeds)
+    x = range(len(labels))
+    for offset, name in ((-0.2, "larosa_40"), (0.2, "larosa_50")):
+        right.bar([i + offset for i in x], [speeds[k][f"speedup_{name}"] for k in labels], width=0.4,
+                  label=name.replace("_", " ") + "%")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.set_xticks(list(x), [k.replace("_", "\n") for k in labels])
+    right.set(ylabel="decode tokens/s vs dense", title="Decode speed-up (threads, batch)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="dense model folder (default: SmolLM2-135M)")
+    parser.add_argument("--larosa", type=Path, default=None, help="LaRoSA folder (calibrated here if missing)")
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--sparsities", default="0,0.25,0.4,0.5")
+    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--ppl-threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "larosa.json")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    dense_dir = args.model or ensure_default_model()
+    larosa_dir = args.larosa or cache_root() / "models" / f"{dense_dir.name}-larosa"
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    if not (larosa_dir / "model.safetensors").exists():
+        print(f"calibrating {larosa_dir} ...", flush=True)
+        calibration = corpus_windows(None, tokenizer, "train", 1024, 32768)
+        build_larosa_model(dense_dir, larosa_dir, CalibrationConfig(sparsity=0.4), calibration, PYTHON_DOCS)
+    heldout = corpus_windows(None, tokenizer, "heldout", args.seq_len, args.eval_tokens)
+    torch.set_num_threads(args.ppl_threads)
+    print(f"perplexity on {sum(w.numel() for w in heldout)} held-out tokens", flush=True)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    q = quality(dense_dir, larosa_dir, heldout, sparsities)
+    unions = union_fractions(dense_dir, larosa_dir, heldout, 0.5)
+    print("decode speed (median of interleaved rounds)", flush=True)
+    batch_sizes = [int(b) for b in args.batches.split(",")]
+    s = speed(dense_dir, larosa_dir, batch_sizes, [int(t) for t in args.threads.split(",")], args)
+    first = f"t{args.threads.split(',')[0]}"
+    summary = {
+        "ppl_dense": q["dense"],
+        "ppl_larosa_40": q["larosa"]["0.40"], "ppl_larosa_50": q["larosa"]["0.50"],
+        "ppl_topk_40": q["topk"]["0.40"], "ppl_topk_50": q["topk"]["0.50"],
+        "speedup_b1_40": s[f"{first}_b1"]["speedup_larosa_40"], "speedup_b1_50": s[f"{first}_b1"]["speedup_larosa_50"],
+        "speedup_b4_50": s[f"{first}_b4"]["speedup_larosa_50"],
+        "speedup_b16_50": s[f"{first}_b16"]["speedup_larosa_50"],
+    }
+    results = {
+        "summary": summary,
+        "summary_threads": int(args.threads.split(",")[0]),
+        "quality": q, "union_of_kept_channels_s50": unions, "speed": s,
+        "setup": {"model": str(dense_dir), "larosa": str(larosa_dir), "eval_tokens": args.eval_tokens,
+                  "seq_len": args.seq_len, "context": args.context, "steps": args.steps, "rounds": args.rounds,
+                  "corpus": "python3.11-doc held-out split", "torch": torch.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.out.with_suffix(".png"))
+    print("\n".join(f"{k:16s} {v:8.3f}" for k, v in summary.items()))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
