@@ -31,6 +31,7 @@ from fusedserve.engine.larosa.sparsity import plan_for_arch
 from fusedserve.engine.model.default_model import cache_root, ensure_default_model
 from fusedserve.engine.model.llama import LlamaModel
 from fusedserve.engine.model.loader import LinearFactory, dense_linear_factory, load_llama
+from fusedserve.engine.tokenizer import load_tokenizer
 from fusedserve.kernels.attention import SlotBatch
 from fusedserve.kernels.sparse_linear import TopKSparseLinear, topk_mask
 
@@ -224,11 +225,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "larosa.json")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
     dense_dir = args.model or ensure_default_model()
     larosa_dir = args.larosa or cache_root() / "models" / f"{dense_dir.name}-larosa"
-    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    tokenizer = load_tokenizer(dense_dir)
     if not (larosa_dir / "model.safetensors").exists():
         print(f"calibrating {larosa_dir} ...", flush=True)
         calibration = corpus_windows(None, tokenizer, "train", 1024, 32768)

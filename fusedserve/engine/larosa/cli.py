@@ -32,10 +32,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from transformers import AutoTokenizer
 
     from fusedserve.engine.larosa.calibrate import CalibrationConfig, build_larosa_model
     from fusedserve.engine.larosa.corpus import PYTHON_DOCS, corpus_windows
+    from fusedserve.engine.tokenizer import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,7 +43,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, corpus=args.corpus, num_tokens=args.tokens, seq_len=args.seq_len,
         damping=args.damping,
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)  # AdaptiVocab folders tokenize with their PatchTokenizer
     windows = corpus_windows(args.corpus, tokenizer, "train", args.seq_len, args.tokens)
     out = build_larosa_model(Path(args.model), Path(args.out), config, windows, args.corpus or PYTHON_DOCS)
     print(f"wrote {out} ({sum(w.numel() for w in windows)} calibration tokens, sparsity {args.sparsity})")

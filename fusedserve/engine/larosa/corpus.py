@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fusedserve.engine.model.default_model import cache_root
+from fusedserve.engine.tokenizer import Tokenizer
 
 PYTHON_DOCS = "python-docs"
 PYTHON_DOCS_PACKAGE = "python3.11-doc"
@@ -118,14 +119,11 @@ def token_windows(
 
 
 def corpus_windows(
-    corpus: str | Path | None, tokenizer, split: str, seq_len: int, num_tokens: int
+    corpus: str | Path | None, tokenizer: Tokenizer, split: str, seq_len: int, num_tokens: int
 ) -> list[torch.Tensor]:
-    """Token windows of the train or held-out split of a corpus with a Hugging Face tokenizer."""
+    """Token windows of the train or held-out split of a corpus, tokenized as the model folder asks
+    (engine.tokenizer.load_tokenizer: the HF tokenizer, or AdaptiVocab's PatchTokenizer)."""
     train, heldout = split_documents(load_documents(resolve_corpus(corpus)))
     documents = train if split == "train" else heldout
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    return token_windows(documents, encode, separator, seq_len, num_tokens)
+    separator = min(tokenizer.eos_token_ids, default=0)
+    return token_windows(documents, tokenizer.encode, separator, seq_len, num_tokens)
