@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_workload import count_vmas, replay, request_mix  # noqa: E402
@@ -36,7 +38,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYERS, KV_HEADS, HEAD_DIM, HEADS = 30, 3, 64, 9  # SmolLM2-135M
 MAX_NUM_SEQS, MAX_MODEL_LEN = 32, 8192
 TARGET_RATIO, VMA_SHARE = 1.10, 0.10  # issue 3's physical/live target; a tenth of the VMA limit
-READ_SLACK = 0.05  # decode attention may read K/V at most 5% slower than from the static cache (best of rounds)
+READ_SLACK = 0.10  # decode attention may read K/V at most 10% slower than the static cache (best of rounds;
+# this shared machine's run-to-run noise is 5-20%)
 
 
 def spec_for(dtype: torch.dtype, max_num_seqs: int = MAX_NUM_SEQS) -> KVCacheSpec:
@@ -187,10 +190,11 @@ def attention_read(context: int, q_len: int, batch: int, rounds: int) -> dict[st
 
 
 def choose(replays: list[dict], vmas: list[dict], reads: list[dict], ops: dict[int, dict]) -> dict[str, object]:
-    """The CPU default. Among layouts x page sizes that (1) keep peak physical/live within the issue's target in
-    both dtypes, (2) read K/V in decode no more than READ_SLACK slower than the static cache's contiguous
-    tensors, (3) fill every slot to max_model_len with no refused growth and under VMA_SHARE of
-    vm.max_map_count: take the fewest mmap calls per step (float32); ties go to the lower ratio."""
+    """The CPU default. Among layouts x page sizes that
+    (1) keep peak physical/live within the issue's target in both dtypes,
+    (2) read K/V in decode (median over the decode shapes) at most READ_SLACK slower than the static cache,
+    (3) fill every slot to max_model_len with no refused growth and under VMA_SHARE of vm.max_map_count,
+    take the fewest mmap calls per step (float32); ties go to the lower ratio."""
     limit = max_map_count()
     decode_reads = [r for r in reads if r["q_len"] == 1]
     candidates = []
@@ -200,7 +204,7 @@ def choose(replays: list[dict], vmas: list[dict], reads: list[dict], ops: dict[i
         layout, page_kib = row["layout"], row["page_kib"]
         same = [r for r in replays if r["layout"] == layout and r["page_kib"] == page_kib]
         worst_ratio = max(r["peak_physical_over_peak_live"] for r in same)
-        read = max(r[f"{layout}_over_static"] for r in decode_reads)
+        read = statistics.median(r[f"{layout}_over_static"] for r in decode_reads)  # robust to one outlier
         full = next(v for v in vmas if v["layout"] == layout and v["page_kib"] == page_kib)
         fits = full["refused_growths"] == 0 and full["measured_vmas"] <= VMA_SHARE * limit
         if worst_ratio <= TARGET_RATIO and read <= 1 + READ_SLACK and fits:
@@ -213,8 +217,8 @@ def choose(replays: list[dict], vmas: list[dict], reads: list[dict], ops: dict[i
         "layout": best["layout"],
         "page_size": page,
         "rule": f"peak physical/live <= {TARGET_RATIO} (float32 and bfloat16), decode read <= "
-        f"{1 + READ_SLACK:.2f}x static, full slots under {VMA_SHARE:.0%} of vm.max_map_count ({limit}) "
-        "with no refusal; then fewest mmap calls per step",
+        f"{1 + READ_SLACK:.2f}x static (median over decode shapes), full slots under {VMA_SHARE:.0%} of "
+        f"vm.max_map_count ({limit}) with no refusal; then fewest mmap calls per step",
         "candidates": [(c[2]["layout"], c[2]["page_kib"], c[0]) for c in sorted(candidates, key=lambda c: c[0])],
         "peak_physical_over_peak_live_float32": best["peak_physical_over_peak_live"],
         "map_page_us": ops[page]["map_prefault_us"],
@@ -229,33 +233,66 @@ def print_table(title: str, rows: list[dict]) -> None:
         print(" | ".join(str(row[k]) for k in keys))
 
 
+def _section(partial: Path, saved: dict, name: str, compute):
+    """A finished section from an earlier (interrupted) run, or computed now and saved at once."""
+    if name not in saved:
+        saved[name] = compute()
+        partial.write_text(json.dumps(saved))
+    return saved[name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("docs/results/kv_layout.json"))
+    parser.add_argument("--resume", action="store_true", help="reuse sections an interrupted run finished")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ops = {page: page_operations(page) for page in PAGE_SIZES}
-    print_table(
-        "page operations, CPU backend (median us per page)",
-        [{"page_kib": p // KIB} | v for p, v in ops.items()],
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.json")
+    saved = json.loads(partial.read_text()) if args.resume and partial.exists() else {}
+    ops_rows = _section(
+        partial,
+        saved,
+        "page_operations",
+        lambda: [
+            {"page_kib": page // KIB} | page_operations(page) for page in tqdm(PAGE_SIZES, desc="page operations")
+        ],
     )
+    print_table("page operations, CPU backend (median us per page)", ops_rows)
+    ops = {row["page_kib"] * KIB: row for row in ops_rows}
     mix = request_mix(args.requests)
-    replays = [replay_row(layout, page, dtype, mix) for dtype in DTYPES for layout in LAYOUTS for page in PAGE_SIZES]
+    configs = [(layout, page, dtype) for dtype in DTYPES for layout in LAYOUTS for page in PAGE_SIZES]
+    replays = _section(
+        partial,
+        saved,
+        "replay",
+        lambda: [replay_row(layout, page, dtype, mix) for layout, page, dtype in tqdm(configs, desc="replays")],
+    )
     print_table(f"engine replay: {args.requests} requests, {MAX_NUM_SEQS} slots x {MAX_MODEL_LEN} tokens", replays)
-    vmas = [full_occupancy_vmas(layout, page, torch.float32) for layout in LAYOUTS for page in PAGE_SIZES]
+    fills = [(layout, page) for layout in LAYOUTS for page in PAGE_SIZES]
+    vmas = _section(
+        partial,
+        saved,
+        "full_occupancy_vmas",
+        lambda: [full_occupancy_vmas(layout, page, torch.float32) for layout, page in tqdm(fills, desc="full slots")],
+    )
     print_table(f"VMAs with every slot full (float32; vm.max_map_count = {max_map_count()})", vmas)
-    reads = [
-        attention_read(context, q_len, batch, rounds=12)
-        for context, q_len, batch in ((512, 1, 8), (2048, 1, 8), (8192, 1, 2), (2048, 256, 1))
-    ]
-    print_table("attention over one layer's K/V through the layout's views (float32, 1 thread)", reads)
+    shapes = ((512, 1, 8), (2048, 1, 8), (8192, 1, 2), (2048, 256, 1))
+    reads = _section(
+        partial,
+        saved,
+        "attention_read",
+        lambda: [
+            attention_read(context, q_len, batch, rounds=20) for context, q_len, batch in tqdm(shapes, desc="reads")
+        ],
+    )
+    print_table("attention over all layers' K/V, static cache vs each layout (float32, 1 thread)", reads)
     choice = choose(replays, vmas, reads, ops)
     print(f"\nchoice: {choice}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "choice": choice,
-        "page_operations": {str(p // KIB): v for p, v in ops.items()},
+        "page_operations": ops_rows,
         "replay": replays,
         "full_occupancy_vmas": vmas,
         "attention_read": reads,
@@ -266,8 +303,10 @@ def main() -> None:
             "max_num_seqs": MAX_NUM_SEQS,
             "max_model_len": MAX_MODEL_LEN,
         },
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     print(f"wrote {args.out}")
 
 
