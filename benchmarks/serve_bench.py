@@ -97,6 +97,10 @@ def main() -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name for --base-url")
     parser.add_argument("--no-fusedserve", action="store_true")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--baseline-concurrency", type=int, nargs="+", default=[1, 8],
+        help="the baseline serves one request at a time, so higher levels only lengthen its queue",
+    )
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `fusedserve serve` flags")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json")
     args = parser.parse_args()
@@ -111,7 +115,7 @@ def main() -> int:
     if not args.no_baseline:
         command = [str(Path(__file__).with_name("hf_baseline_server.py")), "--model", str(model_dir)]
         with running_server(command, logs / "hf_baseline.log") as url:
-            results += sweep(url, "hf-baseline", "transformers", args.concurrency, args.max_tokens, 1)
+            results += sweep(url, "hf-baseline", "transformers", args.baseline_concurrency, args.max_tokens, 1)
     if args.base_url:
         results += sweep(args.base_url, args.model, "external", args.concurrency, args.max_tokens, args.waves)
 
