@@ -2,9 +2,10 @@
 
 Trains the input embeddings, the LM head and the first and last transformer layers; everything else is frozen
 (paper appendix A). AdamW (betas 0.9/0.95, weight decay 0.1), linear warmup then cosine decay, gradient
-accumulation, bf16 autocast on CPU when asked. Every `checkpoint_every` steps the trainable tensors,
-optimizer, scheduler and loss history go to <checkpoint_dir>/checkpoint.pt (written atomically); rerunning the
-same command resumes there, and a larger --steps extends a finished run. Training uses transformers'
+accumulation, bf16 autocast on CPU when asked. Every `checkpoint_every` steps the trainable tensors, optimizer
+state, step and loss history go to <checkpoint_dir>/checkpoint.pt (written atomically; the learning rate and
+the data order are functions of the step); rerunning the same command resumes there, and a larger --steps
+extends a finished run (the cosine is recomputed over the new total). Training uses transformers'
 LlamaForCausalLM (autograd); the output folder is the input folder with new weights and a manifest entry
 saying how it was tuned.
 """
