@@ -38,10 +38,11 @@ from fusedserve.kernels.sparse_linear import TopKSparseLinear, topk_mask
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
-def factory_for(model_dir: Path, sparsity: float, dense: LinearFactory) -> LinearFactory:
+def factory_for(model_dir: Path, sparsity: float, dense: LinearFactory, mask_all: bool = False) -> LinearFactory:
+    """mask_all: top-k on every token, also on the dense path (quality); off: as served (speed)."""
     if sparsity == 0.0:
         return dense
-    return sparse_linear_factory(plan_for_arch(load_arch(model_dir), sparsity), dense)
+    return sparse_linear_factory(plan_for_arch(load_arch(model_dir), sparsity), dense, mask_dense_path=mask_all)
 
 
 def load_arch(model_dir: Path):
@@ -76,7 +77,7 @@ def quality(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tensor], spar
             if method == "topk" and s == 0.0:
                 continue
             started = time.perf_counter()
-            model = load_llama(model_dir, make_linear=factory_for(model_dir, s, dense_linear_factory))
+            model = load_llama(model_dir, make_linear=factory_for(model_dir, s, dense_linear_factory, True))
             results[method][f"{s:.2f}"] = ppl = perplexity(model, windows)
             print(f"  ppl {method:6s} s={s:.2f}: {ppl:8.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
             del model

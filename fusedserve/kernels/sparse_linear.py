@@ -1,13 +1,15 @@
 """Top-k sparse linear layers (LaRoSA, TEAL): per token keep the k largest-magnitude inputs, read only their weights.
 
-One entry, `TopKSparseLinear`, implements the engine's `Linear` interface: y = TopK_k(x) @ W^T + b, where TopK_k
-zeroes all but the k largest |x| of each token. What a layer computes never depends on the path taken; the path
-is a per-call speed choice:
-- sparse: y = sum over kept channels i of x_i * W^T[i, :], reading only those weight rows from an input-major copy.
-  For a batch the rows of the union of the tokens' kept channels are read once. Used for up to SPARSE_MAX_ROWS
-  tokens when the union is at most MAX_UNION_FRACTION[rows] of the inputs (measured break-even points).
-- dense: the top-k-masked input through a dense `Linear` (dense [out, in] layout; by default `DenseLinear`, which
-  switches to a bf16 copy on AMX for larger row counts, so the two paths agree to fp32 or to bf16 rounding).
+One entry, `TopKSparseLinear`, implements the engine's `Linear` interface. Per call it takes one of two paths:
+- sparse: y = TopK_k(x) @ W^T + b, TopK_k zeroing all but the k largest |x| of each token, computed as the sum
+  over kept channels i of x_i * W^T[i, :], reading only those weight rows from an input-major copy. For a batch
+  the rows of the union of the tokens' kept channels are read once. Used for up to SPARSE_MAX_ROWS tokens when
+  the union is at most MAX_UNION_FRACTION[rows] of the inputs (measured break-even points).
+- dense: a dense `Linear` (dense [out, in] layout; by default `DenseLinear`, which switches to a bf16 copy on
+  AMX for larger row counts) on the input as it is, where sparse cannot pay (prefill chunks, large decode
+  batches): the exact dense product, so falling back never costs quality and never costs time on selection.
+  With mask_dense_path=True it runs on TopK_k(x) instead, so the layer computes TopK_k(x) @ W^T + b on every
+  path (quality evaluation of the method itself; the two paths then agree to fp32 or bf16 rounding).
 Backends: the C++/OpenMP extension (kernels/cpu/sparse_linear.cpp; weights tiled [out/64, in, 64]) where it
 builds, else pure torch (F.embedding_bag over W^T [in, out], which reads per token, not per union). On CUDA the
 Triton kernel (kernels/gpu/sparse_gemv.py, over the same W^T) serves small batches and dense cuBLAS the rest.
@@ -16,6 +18,7 @@ This module never changes weights and never decides sparsity levels (engine/laro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -84,7 +87,7 @@ def resolve_backend(backend: str, weight: torch.Tensor) -> tuple[str, ModuleType
 
 
 class TopKSparseLinear:
-    """y = TopK_k(x) @ W^T + b with a per-call choice between the sparse and the dense path (same values)."""
+    """y = TopK_k(x) @ W^T + b on the sparse path, x @ W^T + b (or masked) on the dense one; chosen per call."""
 
     def __init__(
         self,
@@ -94,8 +97,10 @@ class TopKSparseLinear:
         dense: Linear | None = None,
         backend: str = "auto",
         union_table: dict[int, float] | None = None,
+        mask_dense_path: bool = False,
     ) -> None:
-        """`dense` computes the same weight densely (default: DenseLinear(weight, bias)); used on masked inputs."""
+        """`dense` computes the same weight densely (default: DenseLinear(weight, bias)) for the dense path."""
+        self.mask_dense_path = mask_dense_path
         self.out_features, self.in_features = weight.shape
         self.k = max(0, min(int(k), self.in_features))
         self.bias = bias
@@ -116,23 +121,32 @@ class TopKSparseLinear:
             from fusedserve.kernels.gpu.sparse_gemv import topk_sparse_gemv, use_sparse_gemv
 
             sparse = use_sparse_gemv(rows, self.k, self.in_features)
-            self._count(sparse)
-            return topk_sparse_gemv(x, self.weight_t, self.bias, self.k) if sparse else self.dense(topk_mask(x, self.k))
+            if sparse:
+                self._count(True)
+                return topk_sparse_gemv(x, self.weight_t, self.bias, self.k)
+            return self._dense_path(x, topk_mask)
         if self._ext is not None:
-            if rows <= SPARSE_MAX_ROWS:
-                fraction = max_union_fraction(self._union_table, rows)
+            fraction = max_union_fraction(self._union_table, rows) if rows <= SPARSE_MAX_ROWS else 0.0
+            # The union is at least k channels: below that limit sparse cannot pay, so skip the selection.
+            if fraction * self.in_features >= self.k:
                 out, used_sparse = self._ext.topk_sparse_linear(x, self.weight_tiles, self.bias, self.k, fraction)
-                self._count(used_sparse)
-                return out if used_sparse else self.dense(out)
-            self._count(False)
-            return self.dense(self._ext.topk_mask(x, self.k))
+                if used_sparse:
+                    self._count(True)
+                    return out
+                if self.mask_dense_path:
+                    self._count(False)
+                    return self.dense(out)  # the extension hands back TopK_k(x) when it declines
+            return self._dense_path(x, self._ext.topk_mask)
         if rows == 1 and self.k <= MAX_KEPT_FRACTION_TORCH * self.in_features:
             self._count(True)
             index = x.abs().topk(self.k, dim=-1, sorted=False).indices
             y = F.embedding_bag(index, self.weight_t, per_sample_weights=x.gather(-1, index), mode="sum")
             return y if self.bias is None else y + self.bias
+        return self._dense_path(x, topk_mask)
+
+    def _dense_path(self, x: torch.Tensor, mask: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         self._count(False)
-        return self.dense(topk_mask(x, self.k))
+        return self.dense(mask(x, self.k) if self.mask_dense_path else x)
 
     def _count(self, used_sparse: bool) -> None:
         if used_sparse:

@@ -53,13 +53,17 @@ def test_cpp_sparse_path_never_reads_weight_rows_of_dropped_channels() -> None:
 
 
 @needs_cpp
-def test_cpp_dense_fallback_gives_the_same_values() -> None:
+@pytest.mark.parametrize("limit", [0.0, 0.5])  # 0.0: selection skipped; 0.5: the union (~all 160) exceeds it
+def test_cpp_dense_fallback_is_exact_dense_or_masked_dense(limit: float) -> None:
     weight, bias = make()
     dense = DenseLinear(weight, bias, bf16_min_rows=None)
-    layer = TopKSparseLinear(weight, bias, 64, dense, backend="cpp", union_table={16: 0.0})
     x = torch.randn(4, 160)
-    torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, 64), rtol=1e-5, atol=1e-4)
-    assert layer.stats.dense_calls == 1 and layer.stats.sparse_calls == 0
+    exact = TopKSparseLinear(weight, bias, 64, dense, backend="cpp", union_table={16: limit})
+    torch.testing.assert_close(exact(x).double(), x.double() @ weight.double().T + bias, rtol=1e-5, atol=1e-4)
+    masked = TopKSparseLinear(weight, bias, 64, dense, "cpp", union_table={16: limit}, mask_dense_path=True)
+    torch.testing.assert_close(masked(x).double(), reference(x, weight, bias, 64), rtol=1e-5, atol=1e-4)
+    assert exact.stats.dense_calls == masked.stats.dense_calls == 1
+    assert exact.stats.sparse_calls == masked.stats.sparse_calls == 0
 
 
 @needs_cpp
@@ -78,12 +82,15 @@ def test_cpp_topk_breaks_ties_to_exactly_k() -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
-def test_many_rows_take_the_dense_path_with_the_same_mask(backend: str) -> None:
+def test_many_rows_take_the_dense_path_masked_only_when_asked(backend: str) -> None:
     weight, bias = make()
-    layer = TopKSparseLinear(weight, bias, 50, DenseLinear(weight, bias, bf16_min_rows=None), backend=backend)
+    dense = DenseLinear(weight, bias, bf16_min_rows=None)
     x = torch.randn(40, 160)  # a prefill chunk: more rows than any sparse path takes
-    torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, 50), rtol=1e-5, atol=1e-4)
-    assert layer.stats.dense_calls == 1
+    masked = TopKSparseLinear(weight, bias, 50, dense, backend=backend, mask_dense_path=True)
+    torch.testing.assert_close(masked(x).double(), reference(x, weight, bias, 50), rtol=1e-5, atol=1e-4)
+    exact = TopKSparseLinear(weight, bias, 50, dense, backend=backend)
+    torch.testing.assert_close(exact(x), dense(x))
+    assert masked.stats.dense_calls == exact.stats.dense_calls == 1
 
 
 def test_torch_backend_single_token_equals_reference() -> None:

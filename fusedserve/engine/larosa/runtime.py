@@ -26,9 +26,13 @@ MANIFEST_KEY = "larosa"
 
 
 def sparse_linear_factory(
-    plan: SparsityPlan, dense: LinearFactory | None = None, backend: str = "auto"
+    plan: SparsityPlan, dense: LinearFactory | None = None, backend: str = "auto", mask_dense_path: bool = False
 ) -> LinearFactory:
-    """make_linear(name, weight, bias): top-k sparse where the plan sparsifies that module kind, `dense` elsewhere."""
+    """make_linear(name, weight, bias): top-k sparse where the plan sparsifies that module kind, `dense` elsewhere.
+
+    mask_dense_path: sparsify every token, also where the dense kernel computes (prefill, large batches); off
+    for serving (the dense path then computes the exact dense product), on for measuring the method's quality.
+    """
     dense = dense or mixed_precision_linear_factory
 
     def make_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
@@ -37,7 +41,7 @@ def sparse_linear_factory(
         dense_layer = dense(name, weight, bias)
         if k is None or k >= weight.shape[1]:
             return dense_layer
-        return TopKSparseLinear(weight, bias, k, dense_layer, backend=backend)
+        return TopKSparseLinear(weight, bias, k, dense_layer, backend=backend, mask_dense_path=mask_dense_path)
 
     return make_linear
 
