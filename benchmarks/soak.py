@@ -262,7 +262,8 @@ def plot(samples: list[dict[str, float]], path: Path) -> None:
     right = left.twinx()
     right.plot(t, [s.get("running", 0) + s.get("waiting", 0) for s in samples], "k:", label="running+waiting")
     right.set_ylabel("requests in the engine")
-    fig.legend(loc="upper right")
+    left.legend(loc="center left")
+    right.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
