@@ -151,7 +151,9 @@ def _failing_sampler(original: Callable[..., Any], poison: Poison) -> Callable[.
     return sample
 
 
-def test_sampler_failure_is_a_500_for_its_request_only(server: InProcessServer, monkeypatch) -> None:
+def test_sampler_failure_is_a_500_for_its_request_only(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     references = _references(server)
     runner = server.engine.engine.runner
     monkeypatch.setattr(runner, "sample", _failing_sampler(runner.sample, Poison(min_tokens=3)))
@@ -162,7 +164,9 @@ def test_sampler_failure_is_a_500_for_its_request_only(server: InProcessServer, 
     assert server.http().get("/health").status_code == 200
 
 
-def test_non_finite_logits_fail_only_their_request(server: InProcessServer, monkeypatch) -> None:
+def test_non_finite_logits_fail_only_their_request(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     references = _references(server)
     runner = server.engine.engine.runner
     original_run, poison = runner.run, Poison()
@@ -188,7 +192,9 @@ def _stream_events(server: InProcessServer, body: dict[str, Any]) -> list[str]:
         return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_sampler_failure_mid_stream_ends_with_an_error_event(server: InProcessServer, monkeypatch) -> None:
+def test_sampler_failure_mid_stream_ends_with_an_error_event(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = server.engine.engine.runner
     monkeypatch.setattr(runner, "sample", _failing_sampler(runner.sample, Poison(min_tokens=3)))
     neighbour_body = _chat_body(PROMPTS[0], 200, stream=True, ignore_eos=True)
@@ -212,7 +218,9 @@ def _timed(action: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]
     return response, time.monotonic() - started
 
 
-def test_dead_engine_thread_is_503_at_once_and_nothing_hangs(server: InProcessServer, monkeypatch) -> None:
+def test_dead_engine_thread_is_503_at_once_and_nothing_hangs(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = server.engine.engine.runner
     original_run = runner.run
 
