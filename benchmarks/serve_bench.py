@@ -101,6 +101,7 @@ def main() -> int:
         "--baseline-concurrency", type=int, nargs="+", default=[1, 8],
         help="the baseline serves one request at a time, so higher levels only lengthen its queue",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of both servers")
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="extra `fusedserve serve` flags")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_bench.json")
     args = parser.parse_args()
@@ -108,12 +109,13 @@ def main() -> int:
     model_dir = ensure_default_model()
     logs = Path("runs") / "serve_bench"
     results: list[LoadResult] = []
+    threads = ["--threads", str(args.threads)] if args.threads else []
     if not args.no_fusedserve:
-        command = ["-m", "fusedserve.cli", "serve", "--max-model-len", "2048", *args.serve_args]
+        command = ["-m", "fusedserve.cli", "serve", "--max-model-len", "2048", *threads, *args.serve_args]
         with running_server(command, logs / "fusedserve.log") as url:
             results += sweep(url, DEFAULT_MODEL_NAME, "fusedserve", args.concurrency, args.max_tokens, args.waves)
     if not args.no_baseline:
-        command = [str(Path(__file__).with_name("hf_baseline_server.py")), "--model", str(model_dir)]
+        command = [str(Path(__file__).with_name("hf_baseline_server.py")), "--model", str(model_dir), *threads]
         with running_server(command, logs / "hf_baseline.log") as url:
             results += sweep(url, "hf-baseline", "transformers", args.baseline_concurrency, args.max_tokens, 1)
     if args.base_url:
@@ -128,7 +130,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "summary": summary,
-        "settings": {"concurrency": args.concurrency, "max_tokens": args.max_tokens, "prompt_chars": PROMPT_CHARS,
+        "settings": {"threads": args.threads,
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens, "prompt_chars": PROMPT_CHARS,
                      "serve_args": args.serve_args},
         "results": [r.as_dict() for r in results],
     }, indent=2))
