@@ -3,12 +3,15 @@
 The tensors keep the engine's layout (per layer, K and V of shape [max_num_seqs, max_model_len, kv_heads,
 head_dim]) and are created once over one reservation; their data_ptr never changes. Two physical layouts sit
 behind them:
-- "all_layers" (default, chosen by benchmarks/kv_layout.py): one region whose token record holds every layer's
-  K and V ([L, 2, kv_heads, head_dim]); per-layer tensors are strided views. One page covers all layers, so a
-  slot grows with one mapping per page and wastes at most one partly filled page.
-- "per_layer": 2·L regions (K of each layer, then V), each [slots, tokens, kv_heads, head_dim] contiguous, as
-  in the vAttention reference; a slot grows with 2·L mappings and wastes up to 2·L partial pages.
-Slot rows are padded to whole pages so that no page is shared by two slots.
+- "all_layers" (the CUDA default): one region whose token record holds every layer's K and V
+  ([L, 2, kv_heads, head_dim]); per-layer tensors are strided views. One page covers all layers, so a slot grows
+  with one mapping per page and wastes at most one partly filled page; but a layer's rows lie a whole record
+  apart, which the CPU decode kernel reads ~1.3-2x slower than contiguous rows (TLB misses, 4 KiB pages).
+- "per_layer" (the CPU default, 32 KiB pages): 2·L regions (K of each layer, then V), each [slots, tokens,
+  kv_heads, head_dim] contiguous, as in the vAttention reference; a slot grows with 2·L mappings and wastes up
+  to 2·L partial pages, so it needs small pages (which stock CUDA drivers do not offer: 2 MiB minimum).
+benchmarks/kv_layout.py measured the choice (docs/results/kv_layout.json). Slot rows are padded to whole pages
+so that no page is shared by two slots.
 
 It never reads or writes the tensors itself, and nothing may read past a slot's reserved length (unmapped
 memory is a SIGSEGV on the CPU). After close() the tensors are dangling and must not be touched.
