@@ -40,6 +40,7 @@ MODEL = "tiny"
 POISON_SEED = 4242  # the request whose step the injected fault hits
 PROMPTS = ["Count to ten.", "Name a colour.", "Say hello in French."]
 QUICK_S = 5.0  # "at once" on a loaded 2-core machine: the paths measured here take milliseconds
+STEP_PACE_S = 0.02  # every engine step lasts at least this, so a 200-token request is in flight for 4 s or more
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,17 @@ async def _poisoned_with_neighbours(server: InProcessServer) -> tuple[BaseExcept
     return outcome[0], list(neighbours)
 
 
+def _pace(runner: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow every step of the tiny model down to STEP_PACE_S, so requests overlap however fast the machine."""
+    original_run = runner.run
+
+    def paced_run(scheduled: Any) -> tuple[list[Request], torch.Tensor]:
+        time.sleep(STEP_PACE_S)
+        return original_run(scheduled)
+
+    monkeypatch.setattr(runner, "run", paced_run)
+
+
 def _failing_sampler(original: Callable[..., Any], poison: Poison) -> Callable[..., Any]:
     """The runner's sample(), except that it raises whenever the poisoned request is in the batch."""
 
@@ -156,6 +168,7 @@ def test_sampler_failure_is_a_500_for_its_request_only(
 ) -> None:
     references = _references(server)
     runner = server.engine.engine.runner
+    _pace(runner, monkeypatch)
     monkeypatch.setattr(runner, "sample", _failing_sampler(runner.sample, Poison(min_tokens=3)))
     poisoned, neighbours = asyncio.run(_poisoned_with_neighbours(server))
     assert isinstance(poisoned, openai.InternalServerError) and poisoned.status_code == 500
@@ -169,6 +182,7 @@ def test_non_finite_logits_fail_only_their_request(
 ) -> None:
     references = _references(server)
     runner = server.engine.engine.runner
+    _pace(runner, monkeypatch)
     original_run, poison = runner.run, Poison()
 
     def run_with_nan_row(scheduled: Any) -> tuple[list[Request], torch.Tensor]:
@@ -186,30 +200,49 @@ def test_non_finite_logits_fail_only_their_request(
     assert neighbours == references
 
 
-def _stream_events(server: InProcessServer, body: dict[str, Any]) -> list[str]:
+def _stream_events(
+    server: InProcessServer, body: dict[str, Any], started: threading.Event | None = None
+) -> list[str]:
+    """The data of every SSE event of a chat stream; `started` is set at the first one."""
+    events = []
     with server.http().stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
-        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                if started is not None:
+                    started.set()
+    return events
+
+
+def _stream_in_background(
+    server: InProcessServer, body: dict[str, Any]
+) -> tuple[threading.Thread, dict[str, list[str]]]:
+    """Start a stream in a thread; return once its first event has arrived. result["events"] is filled at the end."""
+    result: dict[str, list[str]] = {}
+    started = threading.Event()
+    thread = threading.Thread(target=lambda: result.update(events=_stream_events(server, body, started)))
+    thread.start()
+    assert started.wait(60)
+    return thread, result
 
 
 def test_sampler_failure_mid_stream_ends_with_an_error_event(
     server: InProcessServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = server.engine.engine.runner
+    _pace(runner, monkeypatch)
     monkeypatch.setattr(runner, "sample", _failing_sampler(runner.sample, Poison(min_tokens=3)))
-    neighbour_body = _chat_body(PROMPTS[0], 200, stream=True, ignore_eos=True)
-    results: dict[str, list[str]] = {}
-    neighbour = threading.Thread(target=lambda: results.update(n=_stream_events(server, neighbour_body)))
-    neighbour.start()
-    time.sleep(0.2)
+    neighbour, result = _stream_in_background(server, _chat_body(PROMPTS[0], 200, stream=True, ignore_eos=True))
     events = _stream_events(server, _chat_body("A story.", 40, stream=True, ignore_eos=True, seed=POISON_SEED))
     neighbour.join(60)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "generation_failed" and "injected sampler fault" in error["message"]
     assert any(json.loads(event).get("choices") for event in events[:-2])  # it had started streaming
-    finishes = [choice["finish_reason"] for event in results["n"][:-1] for choice in json.loads(event)["choices"]]
-    assert finishes[-1] == "length" and results["n"][-1] == "[DONE]"
+    neighbour_events = result["events"]
+    finishes = [choice["finish_reason"] for event in neighbour_events[:-1] for choice in json.loads(event)["choices"]]
+    assert finishes[-1] == "length" and neighbour_events[-1] == "[DONE]"
 
 
 def _timed(action: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
@@ -222,6 +255,7 @@ def test_dead_engine_thread_is_503_at_once_and_nothing_hangs(
     server: InProcessServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = server.engine.engine.runner
+    _pace(runner, monkeypatch)
     original_run = runner.run
 
     def run_or_die(scheduled: Any) -> tuple[list[Request], torch.Tensor]:
@@ -230,11 +264,7 @@ def test_dead_engine_thread_is_503_at_once_and_nothing_hangs(
         return original_run(scheduled)
 
     monkeypatch.setattr(runner, "run", run_or_die)
-    in_flight: dict[str, list[str]] = {}
-    long_body = _chat_body(PROMPTS[1], 200, stream=True, ignore_eos=True)
-    streamer = threading.Thread(target=lambda: in_flight.update(events=_stream_events(server, long_body)))
-    streamer.start()
-    time.sleep(0.5)
+    streamer, in_flight = _stream_in_background(server, _chat_body(PROMPTS[1], 200, stream=True, ignore_eos=True))
     http = server.http()
     killer, killer_s = _timed(lambda: http.post("/v1/chat/completions", json=_chat_body("x", seed=POISON_SEED)))
     assert killer.status_code == 503 and killer.json()["error"]["code"] == "engine_dead"
