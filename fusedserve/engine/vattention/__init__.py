@@ -4,7 +4,9 @@
 - "static": every slot holds max_model_len tokens from the start. Under a byte budget (`kv_cache_memory`) that
   means fewer slots: max_num_seqs is cut to budget // (max_model_len * bytes_per_token) (at least one slot).
 - "vattention": all max_num_seqs slots are reserved virtually; the budget caps physical pages. Without a
-  budget it is the static reservation, capped at half the memory the device has free (CPU: MemAvailable).
+  budget it is the static reservation, capped at half the memory the device has free (CPU: MemAvailable). A
+  `kv_page_size` of None picks the device's measured layout and page size (kv_cache.DEVICE_DEFAULTS: CPU
+  per_layer with 32 KiB pages, CUDA all_layers with 2 MiB pages).
 
 This package never schedules and never touches KV data; the engine must not reach into its allocator.
 """

@@ -124,40 +124,52 @@ class VAttentionKVCache(KVCache):
         page_size = page_size or default_page
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-        self.backend = backend if backend is not None else make_backend(device)
         if page_size <= 0:
             raise ValueError(f"page size must be positive, not {page_size}")
-        granularity = self.backend.granularity  # stock CUDA drivers: 2 MiB; the CPU: 4 KiB
-        page_size = -(-page_size // granularity) * granularity
-        page_size = min(page_size, _slot_row_bytes(spec, layout, granularity))  # a bigger page is pure waste
-        self.layout = layout
-        self.page_size = page_size
-        budget = memory_budget_bytes if memory_budget_bytes is not None else self.static_bytes(spec)
-        self.plan = plan = plan_memory(spec, page_size, budget, layout)
-        # Every mapping that cannot merge with its neighbour costs a kernel VMA on the CPU; the allocator refuses
-        # growth (the scheduler then preempts) before the cache's share of vm.max_map_count runs out.
-        max_mappings = int(MAPPING_SHARE * max_map_count()) if self.backend.device.type == "cpu" else None
-        self._base = self.backend.reserve(plan.reservation_bytes, page_size)
-        geometry = SlotGeometry(
-            region_addresses=tuple(self._base + r * plan.region_bytes for r in range(plan.num_regions)),
-            num_slots=spec.max_num_seqs,
-            slot_stride=plan.slot_stride,
-            token_bytes=plan.token_bytes,
-            page_size=page_size,
-            max_tokens=spec.max_model_len,
-        )
+        self.backend = backend if backend is not None else make_backend(device)
         try:
-            self._allocator = PageAllocator(
-                self.backend, geometry, plan.num_pages, map_ahead_tokens, idle_release_steps, max_mappings
-            )
-        except ValueError:
-            self.backend.free_reservation(self._base, plan.reservation_bytes)
+            plan = self._plan(spec, page_size, memory_budget_bytes, layout)
+            self._allocator = self._make_allocator(plan, map_ahead_tokens, idle_release_steps)
+        except BaseException:
+            if backend is None:  # ours: close it (files, reservations); a caller's backend stays the caller's
+                self.backend.close()
             raise
         self._watermark_pages = math.ceil(watermark * plan.num_pages)
         element = torch.empty((), dtype=spec.dtype).element_size()
         self._build_tensors(plan.slot_stride // element, plan.region_bytes // element)
         self._closed = False
         self._admission_hint: int | None = None  # the length can_admit last approved (best-fit slot choice)
+
+    def _plan(self, spec: KVCacheSpec, page_size: int, budget: int | None, layout: str) -> MemoryPlan:
+        granularity = self.backend.granularity  # stock CUDA drivers: 2 MiB; the CPU: 4 KiB
+        page_size = -(-page_size // granularity) * granularity
+        page_size = min(page_size, _slot_row_bytes(spec, layout, granularity))  # a bigger page is pure waste
+        self.layout = layout
+        self.page_size = page_size
+        budget = budget if budget is not None else self.static_bytes(spec)
+        self.plan = plan_memory(spec, page_size, budget, layout)
+        return self.plan
+
+    def _make_allocator(self, plan: MemoryPlan, map_ahead_tokens: int, idle_release_steps: int) -> PageAllocator:
+        # Every mapping that cannot merge with its neighbour costs a kernel VMA on the CPU; the allocator refuses
+        # growth (the scheduler then preempts) before the cache's share of vm.max_map_count runs out.
+        max_mappings = int(MAPPING_SHARE * max_map_count()) if self.backend.device.type == "cpu" else None
+        self._base = self.backend.reserve(plan.reservation_bytes, plan.page_size)
+        geometry = SlotGeometry(
+            region_addresses=tuple(self._base + r * plan.region_bytes for r in range(plan.num_regions)),
+            num_slots=self.spec.max_num_seqs,
+            slot_stride=plan.slot_stride,
+            token_bytes=plan.token_bytes,
+            page_size=plan.page_size,
+            max_tokens=self.spec.max_model_len,
+        )
+        try:
+            return PageAllocator(
+                self.backend, geometry, plan.num_pages, map_ahead_tokens, idle_release_steps, max_mappings
+            )
+        except BaseException:
+            self.backend.free_reservation(self._base, plan.reservation_bytes)
+            raise
 
     @staticmethod
     def static_bytes(spec: KVCacheSpec) -> int:
