@@ -18,7 +18,7 @@ class ModelConfig:
 class CacheConfig:
     kv_backend: str = "vattention"  # static | vattention
     kv_cache_memory: int | None = None  # physical KV budget in bytes (None: the backend's default)
-    kv_page_size: int = 256 * 1024  # bytes per physical page (vattention)
+    kv_page_size: int | None = None  # bytes per physical page (vattention); None: the device's measured default
 
 
 @dataclass
