@@ -65,6 +65,7 @@ void select_topk(const float* x, int64_t in, int64_t k, std::vector<uint32_t>& k
 
 constexpr int64_t kTile = 64;      // output columns per weight tile: [tiles, in, 64] (input-major inside a tile)
 constexpr int64_t kMaxGroup = 6;   // tokens per register block: 6 tokens x 4 vectors = 24 accumulators
+constexpr int64_t kPrefetch = 8;   // rows ahead to prefetch: kept rows are scattered, the hardware cannot guess
 
 // For NT tokens and one tile: out[t][0:64] = sum_j coef[j][t] * tile[rows[j]][0:64], registers only.
 template <int NT>
@@ -75,6 +76,10 @@ void tile_kernel(const float* tile, const int32_t* rows, const float* coef, int6
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < 4; ++v) sum[t][v] = _mm512_setzero_ps();
   for (int64_t j = 0; j < num_rows; ++j) {
+    if (j + kPrefetch < num_rows) {
+      const char* ahead = reinterpret_cast<const char*>(tile + static_cast<int64_t>(rows[j + kPrefetch]) * kTile);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+    }
     const float* r = tile + static_cast<int64_t>(rows[j]) * kTile;
     const __m512 r0 = _mm512_loadu_ps(r), r1 = _mm512_loadu_ps(r + 16);
     const __m512 r2 = _mm512_loadu_ps(r + 32), r3 = _mm512_loadu_ps(r + 48);
