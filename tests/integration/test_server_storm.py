@@ -58,6 +58,9 @@ def read_metrics(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str]
     return samples
 
 
+MAX_STORMS = 3
+
+
 def aborted_total(server: RunningServer) -> float:
     return read_metrics(server).get(("vllm:request_success_total", (("finished_reason", "abort"),)), 0.0)
 
@@ -115,13 +118,19 @@ def idle_and_answering(server: RunningServer, deadline: float) -> dict[str, floa
 
 
 def test_200_clients_giving_up_leave_no_request_or_kv_behind(storm_server: RunningServer) -> None:
-    aborted_before = aborted_total(storm_server)
-    streams_with_events, left = asyncio.run(storm(storm_server))
-    gauges = idle_and_answering(storm_server, left + RECOVERY_S)
-    recovered_after = time.monotonic() - left
-    aborted = aborted_total(storm_server) - aborted_before
-    print(
-        f"storm: {STORM_SIZE} clients, {streams_with_events} saw an event, "
-        f"{aborted:.0f} engine requests aborted; idle and answering {recovered_after:.2f} s later; {gauges}"
-    )
-    assert aborted > 0  # the storm reached the engine (how many depends on how fast the loaded loop accepts)
+    # On a loaded machine a whole storm can come and go before the server parses any request; storms repeat (at
+    # most MAX_STORMS) until one reached the engine, and every storm must leave the server idle and answering.
+    aborted = 0.0
+    for _ in range(MAX_STORMS):
+        aborted_before = aborted_total(storm_server)
+        streams_with_events, left = asyncio.run(storm(storm_server))
+        gauges = idle_and_answering(storm_server, left + RECOVERY_S)
+        recovered_after = time.monotonic() - left
+        aborted = aborted_total(storm_server) - aborted_before
+        print(
+            f"storm: {STORM_SIZE} clients, {streams_with_events} saw an event, "
+            f"{aborted:.0f} engine requests aborted; idle and answering {recovered_after:.2f} s later; {gauges}"
+        )
+        if aborted > 0:
+            break
+    assert aborted > 0  # a storm reached the engine (how many depends on how fast the loaded loop accepts)
