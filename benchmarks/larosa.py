@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--ppl-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "larosa.json")
+    parser.add_argument("--reuse-quality", action="store_true", help="keep quality/unions from --out; time only")
     args = parser.parse_args()
 
     dense_dir = args.model or ensure_default_model()
@@ -235,12 +236,17 @@ def main() -> None:
         print(f"calibrating {larosa_dir} ...", flush=True)
         calibration = corpus_windows(None, tokenizer, "train", 1024, 32768)
         build_larosa_model(dense_dir, larosa_dir, CalibrationConfig(sparsity=0.4), calibration, PYTHON_DOCS)
-    heldout = corpus_windows(None, tokenizer, "heldout", args.seq_len, args.eval_tokens)
-    torch.set_num_threads(args.ppl_threads)
-    print(f"perplexity on {sum(w.numel() for w in heldout)} held-out tokens", flush=True)
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    q = quality(dense_dir, larosa_dir, heldout, sparsities)
-    unions = union_fractions(dense_dir, larosa_dir, heldout, 0.5)
+    if args.reuse_quality:
+        previous = json.loads(args.out.read_text())
+        q, unions = previous["quality"], previous["union_of_kept_channels_s50"]
+        args.eval_tokens = previous["setup"]["eval_tokens"]
+    else:
+        heldout = corpus_windows(None, tokenizer, "heldout", args.seq_len, args.eval_tokens)
+        torch.set_num_threads(args.ppl_threads)
+        print(f"perplexity on {sum(w.numel() for w in heldout)} held-out tokens", flush=True)
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+        q = quality(dense_dir, larosa_dir, heldout, sparsities)
+        unions = union_fractions(dense_dir, larosa_dir, heldout, 0.5)
     print("decode speed (median of interleaved rounds)", flush=True)
     plan = [(1, [int(b) for b in args.batches.split(",")])]
     if args.batches_2t:

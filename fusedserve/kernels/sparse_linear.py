@@ -33,11 +33,11 @@ CPP_TILE = 64  # output columns per weight tile of the C++ kernel
 SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers the input: always dense
 # Largest union of kept channels (fraction of the inputs) at which the sparse path still beats the engine's
 # default dense path, by row count (the smallest key >= rows applies), measured by benchmarks/sparse_linear.py
-# on this machine (1 thread, SmolLM2 shapes, 30 layers of weights streaming from memory). Below 8 rows the dense
-# path is fp32 sgemv/sgemm, which the register-blocked kernel beats even at a full union for 4-7 rows; from 8
-# rows the dense path runs bf16 on AMX and the sparse path only pays for small unions. Against an all-fp32
-# dense path these limits are conservative (sparse would win more often; dense is never slower than itself).
-MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 1.0, 2: 0.9, 3: 0.9, 4: 1.0, 7: 1.0, 8: 0.45, 16: 0.34}
+# (docs/results/sparse_linear.json: SmolLM2 shapes, 30 layers of weights streaming from memory, the lower of the
+# 1- and 2-thread break-even points). Below 8 rows the dense path is fp32 sgemv/sgemm, which the register-blocked
+# kernel beats even at a full union; from 8 rows it runs bf16 on AMX and sparse pays only for smaller unions.
+# Against an all-fp32 dense path these limits are conservative (dense is never slower than itself).
+MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 7: 1.0, 8: 0.68, 16: 0.45}
 MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
 
 
@@ -47,6 +47,12 @@ def max_union_fraction(table: dict[int, float], rows: int) -> float:
         if rows <= measured:
             return table[measured]
     return 0.0
+
+
+def expected_union(k: int, in_features: int, rows: int) -> float:
+    """A low estimate of the union of `rows` tokens' top-k sets, as a fraction of the inputs: tokens of one batch
+    overlap, so count half of them as independent (measured on SmolLM2 at 50%: 81% at 4 rows, 96% at 16)."""
+    return 1.0 - (1.0 - k / in_features) ** max(1, rows // 2)
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -127,8 +133,8 @@ class TopKSparseLinear:
             return self._dense_path(x, topk_mask)
         if self._ext is not None:
             fraction = max_union_fraction(self._union_table, rows) if rows <= SPARSE_MAX_ROWS else 0.0
-            # The union is at least k channels: below that limit sparse cannot pay, so skip the selection.
-            if fraction * self.in_features >= self.k:
+            # Where the union will surely exceed the limit, sparse cannot pay: skip the selection altogether.
+            if expected_union(self.k, self.in_features, rows) <= fraction:
                 out, used_sparse = self._ext.topk_sparse_linear(x, self.weight_tiles, self.bias, self.k, fraction)
                 if used_sparse:
                     self._count(True)

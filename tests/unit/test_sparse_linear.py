@@ -8,6 +8,7 @@ import torch
 from fusedserve.kernels.linear import DenseLinear
 from fusedserve.kernels.sparse_linear import (
     TopKSparseLinear,
+    expected_union,
     load_sparse_linear_extension,
     max_union_fraction,
     topk_mask,
@@ -114,3 +115,9 @@ def test_union_fraction_table_uses_the_next_measured_row_count() -> None:
     assert max_union_fraction(table, 3) == 0.7
     assert max_union_fraction(table, 16) == 0.5
     assert max_union_fraction(table, 17) == 0.0
+
+
+def test_expected_union_is_k_for_one_row_and_grows_with_rows() -> None:
+    assert expected_union(288, 576, 1) == pytest.approx(0.5)
+    assert expected_union(288, 576, 4) == pytest.approx(0.75)  # two independent rows
+    assert expected_union(288, 576, 16) > 0.99
