@@ -63,7 +63,7 @@ def load_model_for_engine(
     if "larosa" in read_manifest(model_dir):
         from fusedserve.engine.larosa.runtime import larosa_linear_factory
 
-        make_linear = larosa_linear_factory(model_dir) or make_linear
+        make_linear = larosa_linear_factory(model_dir, dense=make_linear) or make_linear
     return load_llama(
         model_dir, dtype=DTYPES[dtype], max_positions=max_positions, make_linear=make_linear, device=device
     )
