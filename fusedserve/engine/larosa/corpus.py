@@ -1,8 +1,8 @@
 """Real text for LaRoSA calibration and evaluation: documents from a directory, split by a hash of each path.
 
 The default corpus is the Python documentation (reStructuredText sources of Debian's python3.11-doc: English
-technical prose): the installed package if present, else the unpacked .deb in the fusedserve cache (fetched once
-with `apt-get download` + `dpkg -x`, nothing installed system-wide). Any directory of text files works too. The
+technical prose), located or fetched by the AdaptiVocab corpus module (one copy of the fetching code for both
+techniques). Any directory of text files works too. The
 calibration set comes from the train split, perplexity from the held-out split, so they never share a document.
 This module never runs a model.
 """
@@ -10,21 +10,16 @@ This module never runs a model.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fusedserve.engine.model.default_model import cache_root
+from fusedserve.engine.adaptivocab.corpus import resolve_corpus as resolve_shared_corpus
 from fusedserve.engine.tokenizer import Tokenizer
 
 PYTHON_DOCS = "python-docs"
-PYTHON_DOCS_PACKAGE = "python3.11-doc"
-PYTHON_DOCS_SOURCES = Path("usr/share/doc/python3.11/html/_sources")
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".py")
 HELDOUT_FRACTION = 0.1
 
@@ -35,43 +30,11 @@ class Document:
     text: str
 
 
-def ensure_python_docs() -> Path:
-    """The Python documentation sources: installed, else cached, else fetched into the cache."""
-    installed = Path("/") / PYTHON_DOCS_SOURCES
-    if installed.is_dir():
-        return installed
-    dest = cache_root() / "corpora" / PYTHON_DOCS_PACKAGE
-    if not (dest / PYTHON_DOCS_SOURCES).is_dir():
-        _fetch_deb(PYTHON_DOCS_PACKAGE, dest)
-    return dest / PYTHON_DOCS_SOURCES
-
-
-def _fetch_deb(package: str, dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fusedserve-deb-") as tmp:
-        result = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
-        if not debs:
-            raise FileNotFoundError(f"could not fetch {package} (try `apt-get update`): {result.stderr[-300:]}")
-        unpack = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
-        try:
-            subprocess.run(["dpkg", "-x", str(debs[0]), str(unpack)], check=True)
-            for child in unpack.iterdir():
-                target = dest / child.name
-                if target.exists():
-                    shutil.rmtree(target)
-                child.rename(target)
-        finally:
-            shutil.rmtree(unpack, ignore_errors=True)
-
-
 def resolve_corpus(corpus: str | Path | None) -> Path:
-    if corpus is None or str(corpus) == PYTHON_DOCS:
-        return ensure_python_docs()
-    path = Path(corpus)
-    if not path.is_dir():
-        raise FileNotFoundError(f"corpus directory {path} does not exist")
-    return path
+    """A corpus argument to a directory; "python-docs" (or None) is the shared Python-docs corpus."""
+    if corpus is not None and str(corpus) == PYTHON_DOCS:
+        corpus = None
+    return resolve_shared_corpus(corpus)
 
 
 def load_documents(root: Path) -> list[Document]:
