@@ -12,6 +12,9 @@ Invariants (one place owns each):
   so do a reused slot's pages beyond what its new request needs (trimmed by the map-ahead worker).
 - All bookkeeping and every map/unmap happen under one lock; the map-ahead worker is one thread whose future
   is joined before the next job is submitted and on close.
+- A slot grows by whole batches: the pages it needs at once come from the pool as few runs of consecutive pages
+  (PagePool.take_pages) and are mapped per region with one backend call (map_pages: one mmap per physically
+  consecutive run on the CPU); pages leave a slot's tail as one range per region (unmap_pages, discard_pages).
 
 It never reads or writes KV data and never decides who runs (the scheduler does, from grow()'s answer).
 """
@@ -64,6 +67,7 @@ class AllocatorStats:
     pages_unmapped: int = 0
     pages_moved: int = 0  # taken from an idle or over-mapped slot instead of the pool
     pages_discarded: int = 0  # memory handed back to the OS
+    map_calls: int = 0  # backend map calls (summed over regions): one per run on the CPU, one per page on CUDA
     map_seconds_per_page: deque[float] = field(default_factory=lambda: deque(maxlen=20000))
 
 
@@ -76,7 +80,10 @@ class PageAllocator:
         map_ahead_tokens: int = 16,
         idle_release_steps: int = 32,
         max_mappings: int | None = None,
+        map_runs: bool = True,
     ) -> None:
+        """`map_runs=False` forces the page-at-a-time path (one pool page, one map call per page and region),
+        kept so benchmarks/kv_map.py can measure what run mapping saves."""
         if num_pages <= 0:
             raise ValueError("the KV budget holds no page")
         self.backend = backend
@@ -85,6 +92,7 @@ class PageAllocator:
         self.map_ahead_tokens = map_ahead_tokens
         self.idle_release_steps = idle_release_steps
         self.max_mappings = max_mappings  # CPU: a share of vm.max_map_count; None: no limit (CUDA)
+        self.map_runs = map_runs
         if max_mappings is not None and self._mappings_with(0, runs=0) > max_mappings:
             raise ValueError(
                 f"{geometry.num_slots} slots x {geometry.num_regions} regions need more kernel mappings than "
@@ -154,6 +162,11 @@ class PageAllocator:
         """Kernel mappings the cache's ranges hold now (CPU): one per run per region, plus each slot's tail."""
         with self._lock:
             return self._mappings_with(0, self._runs)
+
+    def free_runs(self) -> tuple[int, int]:
+        """(runs of consecutive free pool pages, pages in the largest): how fragmented the pool is."""
+        with self._lock:
+            return self._pool.num_runs, self._pool.largest_run
 
     def pages_of(self, slot: int) -> int:
         with self._lock:
@@ -226,8 +239,8 @@ class PageAllocator:
         self._executor.shutdown(wait=True)
         with self._lock:
             for slot in range(self.geometry.num_slots):
-                while self._pages[slot]:
-                    self._pool.give_back(self._pop_page(slot))
+                for page in self._pop_pages(slot, len(self._pages[slot])):
+                    self._pool.give_back(page)
             self._idle.clear()
             for region_handles in self._handles:
                 for handle in region_handles:
@@ -237,13 +250,11 @@ class PageAllocator:
     # -- internals (lock held) ---------------------------------------------------------------------
     def _release_pages(self, slot: int, keep: int) -> int:
         """Unmap the slot's pages from index `keep` on and give their memory back to the OS and the pool."""
-        released = 0
-        while len(self._pages[slot]) > keep:
-            page = self._pop_page(slot)
-            self._discard(page)
+        released = self._pop_pages(slot, len(self._pages[slot]) - keep)
+        self._discard(released)
+        for page in released:
             self._pool.give_back(page)
-            released += 1
-        return released
+        return len(released)
 
     def _mappings_with(self, extra_runs: int, runs: int) -> int:
         return (runs + extra_runs + self.geometry.num_slots) * self.geometry.num_regions
@@ -267,22 +278,20 @@ class PageAllocator:
     def _extend(self, slot: int, count: int, steal_from_active: bool, ahead: bool) -> None:
         """Append `count` pages to the slot's prefix: pool first, then idle slots, then over-mapped slots."""
         pages = self._pages[slot]
-        taken: list[int] = []
-        previous = pages[-1] if pages else None
-        while len(taken) < count and self._pool.num_free:
-            previous = self._pool.take(after=previous)
-            taken.append(previous)
+        taken = self._take_from_pool(min(count, self._pool.num_free), pages[-1] if pages else None)
         for victim in list(self._idle):
-            while len(taken) < count and self._pages[victim]:
-                taken.append(self._pop_page(victim))
-                self.stats.pages_moved += 1
+            moved = min(count - len(taken), len(self._pages[victim]))
+            if moved > 0:
+                taken.extend(self._pop_pages(victim, moved))
+                self.stats.pages_moved += moved
             if not self._pages[victim]:
                 del self._idle[victim]
         if steal_from_active:
             for victim in list(self._active):
-                while len(taken) < count and victim != slot and self._excess_pages(victim) > 0:
-                    taken.append(self._pop_page(victim))
-                    self.stats.pages_moved += 1
+                moved = min(count - len(taken), self._excess_pages(victim)) if victim != slot else 0
+                if moved > 0:
+                    taken.extend(self._pop_pages(victim, moved))
+                    self.stats.pages_moved += moved
         if len(taken) < count:
             raise RuntimeError(f"allocator accounting drifted: wanted {count} pages, found {len(taken)}")
         self._map_run(slot, len(pages), taken)
@@ -294,31 +303,55 @@ class PageAllocator:
         if ahead:
             self.stats.pages_mapped_ahead += len(taken)
 
+    def _take_from_pool(self, count: int, after: int | None) -> list[int]:
+        if self.map_runs:
+            return self._pool.take_pages(count, after)
+        taken: list[int] = []
+        for _ in range(count):
+            after = self._pool.take(after=after)
+            taken.append(after)
+        return taken
+
     def _map_run(self, slot: int, first_index: int, pages: list[int]) -> None:
+        """Map `pages` at the slot's page indexes first_index.. in every region, readable and writable."""
         started = time.perf_counter()
         size = self.geometry.page_size
         for region in range(self.geometry.num_regions):
-            for offset, page in enumerate(pages):
-                address = self.geometry.page_address(region, slot, first_index + offset)
-                self.backend.map(address, size, self._handles[region][page])
             start = self.geometry.page_address(region, slot, first_index)
+            handles = self._handles[region]
+            if self.map_runs:
+                self.stats.map_calls += self.backend.map_pages(start, size, [handles[page] for page in pages])
+                continue
+            for offset, page in enumerate(pages):
+                self.backend.map(start + offset * size, size, handles[page])
             self.backend.set_access(start, size * len(pages))
+            self.stats.map_calls += len(pages)
         per_page = (time.perf_counter() - started) / len(pages)
         self.stats.map_seconds_per_page.extend([per_page] * len(pages))
 
-    def _pop_page(self, slot: int) -> int:
-        index = len(self._pages[slot]) - 1
+    def _pop_pages(self, slot: int, count: int) -> list[int]:
+        """Unmap the slot's last `count` pages (one range per region); returns them in slot order."""
+        pages = self._pages[slot]
+        if count <= 0:
+            return []
+        first = len(pages) - count
         self.backend.before_unmap()  # a GPU may still run kernels queued before this point
         for region in range(self.geometry.num_regions):
-            self.backend.unmap(self.geometry.page_address(region, slot, index), self.geometry.page_size)
-        self.stats.pages_unmapped += 1
-        pages = self._pages[slot]
-        page = pages.pop()
-        if not pages or page != pages[-1] + 1:
-            self._runs -= 1
-        return page
+            address = self.geometry.page_address(region, slot, first)
+            self.backend.unmap_pages(address, self.geometry.page_size, count)
+        popped = pages[first:]
+        del pages[first:]
+        for index, page in enumerate(popped):
+            previous = popped[index - 1] if index else (pages[-1] if pages else None)
+            if previous is None or page != previous + 1:
+                self._runs -= 1
+        self.stats.pages_unmapped += count
+        return popped
 
-    def _discard(self, page: int) -> None:
+    def _discard(self, pages: list[int]) -> None:
+        if not pages:
+            return
         for region in range(self.geometry.num_regions):
-            self.backend.discard(self._handles[region][page])
-        self.stats.pages_discarded += 1
+            handles = self._handles[region]
+            self.backend.discard_pages([handles[page] for page in pages])
+        self.stats.pages_discarded += len(pages)

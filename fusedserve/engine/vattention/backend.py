@@ -2,7 +2,9 @@
 
 reserve a virtual range -> create physical pages -> map a page at an address -> set access -> (use) -> unmap
 -> release. The allocator (allocator.py) speaks only this interface; the CPU backend implements it with mmap
-and a memfd, the CUDA backend with cuda-python. A backend never decides which page goes where (the allocator
+and a memfd, the CUDA backend with cuda-python. The *_pages calls work on a run of consecutive addresses: by
+default one call per page (CUDA maps each page handle on its own), while the CPU backend covers each run of
+physically consecutive pages with one system call. A backend never decides which page goes where (the allocator
 does) and never maps outside a range it reserved: every map/unmap/set_access is bounds- and alignment-checked
 here, because a stray fixed mapping silently overwrites whatever lives at that address.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +115,24 @@ class MemoryBackend(ABC):
     @abstractmethod
     def discard(self, handle: PhysicalHandle) -> None:
         """Let the OS take the page's memory back while the handle stays valid (its contents become zeros)."""
+
+    def map_pages(self, address: int, page_size: int, handles: Sequence[PhysicalHandle]) -> int:
+        """Back [address, address + len(handles) * page_size) with these pages in order and make it readable and
+        writable: map each page, then set access once over the range. Returns the map calls it took."""
+        for index, handle in enumerate(handles):
+            self.map(address + index * page_size, page_size, handle)
+        self.set_access(address, page_size * len(handles))
+        return len(handles)
+
+    def unmap_pages(self, address: int, page_size: int, count: int) -> None:
+        """Unmap `count` consecutive pages starting at `address` (by default one unmap per page)."""
+        for index in range(count):
+            self.unmap(address + index * page_size, page_size)
+
+    def discard_pages(self, handles: Sequence[PhysicalHandle]) -> None:
+        """Discard each of these pages (see discard)."""
+        for handle in handles:
+            self.discard(handle)
 
     @abstractmethod
     def wrap_tensor(self, address: int, size: int) -> torch.Tensor:

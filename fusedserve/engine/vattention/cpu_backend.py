@@ -3,9 +3,12 @@
 - reserve: mmap(PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE): address space only, no memory.
 - physical page: an extent of one memfd (sparse; memory is committed on first touch, or by prefaulting).
 - map: mmap(MAP_SHARED|MAP_FIXED, fd, offset) at the page's address, PROT_NONE until set_access (mprotect).
+  map_pages maps each run of pages that are consecutive in the memfd with one mmap, readable and writable at
+  once (map + set_access in one call; no mprotect), then prefaults the whole range with one madvise.
 - unmap: map PROT_NONE anonymous memory over the range again (never munmap: another allocation could take the
   hole and a later MAP_FIXED would silently destroy it). The memfd keeps the page's data.
-- discard: fallocate(PUNCH_HOLE) gives the page's memory back to the OS (MADV_DONTNEED would not, for shmem).
+- discard: fallocate(PUNCH_HOLE) gives the page's memory back to the OS (MADV_DONTNEED would not, for shmem);
+  discard_pages punches each run of consecutive extents with one call, unmap_pages a range with one mmap.
 
 It must never touch an address outside its own reservations: every map/unmap/set_access goes through the
 reservation table's bounds and alignment check first. Reading an unmapped (PROT_NONE) address is a SIGSEGV,
@@ -18,6 +21,7 @@ import ctypes
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -157,6 +161,37 @@ class CpuMemoryBackend(MemoryBackend):
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED
         _mmap_checked(address, size, PROT_NONE, flags, -1, 0, "unmap (PROT_NONE remap)")
 
+    def map_pages(self, address: int, page_size: int, handles: Sequence[object]) -> int:
+        size = page_size * len(handles)
+        self._reservations.check(address, size, self.granularity)
+        offsets = list(handles)  # a CPU page handle is its memfd offset
+        for offset in offsets:
+            if not isinstance(offset, int) or self._extent_size.get(offset) != page_size:
+                raise BackendError(f"{offset!r} is not the handle of a live {page_size}-byte page")
+        flags = MAP_SHARED | MAP_FIXED
+        calls = 0
+        for first, count in _consecutive_runs(offsets, page_size):
+            where = address + first * page_size
+            _mmap_checked(where, count * page_size, PROT_READ_WRITE, flags, self._fd, offsets[first], "map pages")
+            calls += 1
+        if self.prefault:
+            _check(_madvise(address, size, MADV_POPULATE_WRITE), "madvise(MADV_POPULATE_WRITE)")
+        return calls
+
+    def unmap_pages(self, address: int, page_size: int, count: int) -> None:
+        self.unmap(address, page_size * count)
+
+    def discard_pages(self, handles: Sequence[object]) -> None:
+        offsets = [self._page_offset(handle) for handle in handles]
+        sizes = {self._extent_size[offset] for offset in offsets}
+        if len(sizes) != 1:  # runs are defined over pages of one size
+            super().discard_pages(handles)
+            return
+        (page_size,) = sizes
+        flags = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        for first, count in _consecutive_runs(offsets, page_size):
+            _check(_fallocate(self._fd, flags, offsets[first], count * page_size), "fallocate(PUNCH_HOLE)")
+
     # -- tensors and lifetime ----------------------------------------------------------------------
     def wrap_tensor(self, address: int, size: int) -> torch.Tensor:
         self._reservations.check(address, size, self.granularity)
@@ -180,3 +215,14 @@ class CpuMemoryBackend(MemoryBackend):
         if not isinstance(handle, int) or handle not in self._extent_size:
             raise BackendError(f"unknown physical page handle {handle!r}")
         return handle
+
+
+def _consecutive_runs(offsets: list[int], page_size: int) -> list[tuple[int, int]]:
+    """(first index, length) of each maximal run of offsets that follow one another `page_size` apart."""
+    runs: list[tuple[int, int]] = []
+    first = 0
+    for index in range(1, len(offsets) + 1):
+        if index == len(offsets) or offsets[index] != offsets[index - 1] + page_size:
+            runs.append((first, index - first))
+            first = index
+    return runs

@@ -116,8 +116,10 @@ class VAttentionKVCache(KVCache):
         map_ahead_tokens: int = DEFAULT_MAP_AHEAD_TOKENS,
         idle_release_steps: int = DEFAULT_IDLE_RELEASE_STEPS,
         watermark: float = DEFAULT_WATERMARK,
+        map_runs: bool = True,
     ) -> None:
-        """`page_size` and `layout` default to the device's measured choice (DEVICE_DEFAULTS)."""
+        """`page_size` and `layout` default to the device's measured choice (DEVICE_DEFAULTS); `map_runs=False`
+        forces page-at-a-time mapping (for benchmarks/kv_map.py)."""
         super().__init__(spec)
         default_layout, default_page = DEVICE_DEFAULTS.get(torch.device(device).type, DEVICE_DEFAULTS["cpu"])
         layout = layout or default_layout
@@ -129,7 +131,7 @@ class VAttentionKVCache(KVCache):
         self.backend = backend if backend is not None else make_backend(device)
         try:
             plan = self._plan(spec, page_size, memory_budget_bytes, layout)
-            self._allocator = self._make_allocator(plan, map_ahead_tokens, idle_release_steps)
+            self._allocator = self._make_allocator(plan, map_ahead_tokens, idle_release_steps, map_runs)
         except BaseException:
             if backend is None:  # ours: close it (files, reservations); a caller's backend stays the caller's
                 self.backend.close()
@@ -150,7 +152,9 @@ class VAttentionKVCache(KVCache):
         self.plan = plan_memory(spec, page_size, budget, layout)
         return self.plan
 
-    def _make_allocator(self, plan: MemoryPlan, map_ahead_tokens: int, idle_release_steps: int) -> PageAllocator:
+    def _make_allocator(
+        self, plan: MemoryPlan, map_ahead_tokens: int, idle_release_steps: int, map_runs: bool
+    ) -> PageAllocator:
         # Every mapping that cannot merge with its neighbour costs a kernel VMA on the CPU; the allocator refuses
         # growth (the scheduler then preempts) before the cache's share of vm.max_map_count runs out.
         max_mappings = int(MAPPING_SHARE * max_map_count()) if self.backend.device.type == "cpu" else None
@@ -165,7 +169,7 @@ class VAttentionKVCache(KVCache):
         )
         try:
             return PageAllocator(
-                self.backend, geometry, plan.num_pages, map_ahead_tokens, idle_release_steps, max_mappings
+                self.backend, geometry, plan.num_pages, map_ahead_tokens, idle_release_steps, max_mappings, map_runs
             )
         except BaseException:
             self.backend.free_reservation(self._base, plan.reservation_bytes)
@@ -271,6 +275,14 @@ class VAttentionKVCache(KVCache):
 
     def pages_of(self, slot: int) -> int:
         return self._allocator.pages_of(slot)
+
+    def free_runs(self) -> tuple[int, int]:
+        """(runs of consecutive free pages, pages in the largest run)."""
+        return self._allocator.free_runs()
+
+    def mapping_estimate(self) -> int:
+        """Kernel mappings (VMAs) the cache's ranges hold now, as the allocator counts them (CPU)."""
+        return self._allocator.mapping_estimate()
 
     def wait_for_map_ahead(self) -> None:
         self._allocator.wait()
