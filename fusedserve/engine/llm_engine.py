@@ -18,6 +18,7 @@ import torch
 from fusedserve.engine.config import EngineConfig
 from fusedserve.engine.device import resolve_device, resolve_dtype
 from fusedserve.engine.errors import PromptTooLongError
+from fusedserve.engine.host_memory import keep_large_blocks_in_heap
 from fusedserve.engine.kv_cache import KVCache, KVCacheSpec
 from fusedserve.engine.manifest import read_manifest
 from fusedserve.engine.model.llama import LlamaModel
@@ -33,7 +34,8 @@ from fusedserve.engine.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 # --dtype choices: the weights' storage dtype and how linears compute.
-#   auto      fp32 weights; batches of BF16_MIN_ROWS+ rows multiply in bf16 on AMX (measured faster), smaller in fp32
+#   auto      fp32 weights; batches of BF16_MIN_ROWS+ rows run in bf16 on AMX (measured faster), smaller in fp32;
+#             the KV cache is bf16
 #   float32   fp32 everywhere (bit-for-bit comparable with transformers in fp32; outputs independent of batching)
 #   bfloat16  bf16 weights and compute
 # On CUDA, auto means bfloat16 (engine/device.py resolves it before loading).
@@ -50,7 +52,7 @@ def build_kv_cache(config: EngineConfig, model: LlamaModel) -> KVCache:
         max_model_len=config.scheduler.max_model_len,
         num_kv_heads=arch.num_kv_heads,
         head_dim=arch.head_dim,
-        dtype=model.dtype,
+        dtype=model.kv_dtype,
     )
     return create_kv_cache(spec, config.cache, config.model.device)
 
@@ -94,6 +96,8 @@ class LLMEngine:
         if config.threads:
             torch.set_num_threads(config.threads)
         device = resolve_device(config.model.device)
+        if device.type == "cpu":
+            keep_large_blocks_in_heap()
         dtype = resolve_dtype(config.model.dtype, device)
         config = replace(config, model=replace(config.model, device=str(device), dtype=dtype))
         model_dir = Path(config.model.model_dir)

@@ -3,7 +3,9 @@
 The dense layer picks its compute dtype per call by the batch's token count: on this class of CPU a bf16 matrix
 multiply runs on AMX and is several times faster than fp32 once there are enough rows, while a bf16
 matrix-vector product (decode at small batch) is slower than fp32 — so small batches use the fp32 weights and
-large ones a bf16 copy. Sparse layers (LaRoSA) implement the same interface.
+large ones a bf16 copy. A bf16 input always uses the bf16 copy and returns bf16: the model hands large batches
+over in bf16 already (one cast per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
+implement the same interface.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ class DenseLinear:
         use_copy = bf16_min_rows is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
         self._bf16_weight = self.weight.to(torch.bfloat16) if use_copy else None
         self._bf16_bias = bias.to(torch.bfloat16) if (use_copy and bias is not None) else None
-        self._bf16_min_rows = bf16_min_rows or 0
+        # Rows from which this layer computes in bf16; None: it always computes in its weights' dtype.
+        self.bf16_min_rows: int | None = (bf16_min_rows or 0) if use_copy else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._bf16_weight is not None and x.shape[0] >= self._bf16_min_rows:
-            return F.linear(x.to(torch.bfloat16), self._bf16_weight, self._bf16_bias).to(x.dtype)
+        if self._bf16_weight is not None:
+            if x.dtype == torch.bfloat16:
+                return F.linear(x, self._bf16_weight, self._bf16_bias)
+            if x.shape[0] >= (self.bf16_min_rows or 0):
+                return F.linear(x.to(torch.bfloat16), self._bf16_weight, self._bf16_bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)

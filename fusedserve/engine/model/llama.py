@@ -3,6 +3,11 @@
 It never decides what runs (the scheduler does) and never allocates KV memory (the KV cache does). Linear layers
 come in through `kernels.linear.Linear`, so LaRoSA's sparse layers replace dense ones without touching this file;
 LaRoSA's residual adapters (one d x d matrix per layer) are applied to the residual stream before their layer.
+
+Mixed precision (`--dtype auto` on a CPU): when every linear keeps a bf16 copy of its fp32 weights, a step with
+enough tokens runs its blocks in bf16 — the normalised input is cast once, q/k/v, attention, the MLP and the
+linears stay bf16 — while the residual stream, the norms' statistics and the logits stay fp32. Such a model also
+keeps its KV cache in bf16: decode attention is memory-bound, and halving the bytes it reads halves its time.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class LlamaModel:
         self.scale = arch.head_dim**-0.5
         self._q_size = arch.num_heads * arch.head_dim
         self._kv_size = arch.num_kv_heads * arch.head_dim
+        self._bf16_from_rows = _shared_bf16_threshold(layers)
+        # The KV cache's dtype, for whoever allocates it: bf16 for a mixed-precision model (see the module doc).
+        self.kv_dtype = torch.bfloat16 if self._bf16_from_rows is not None else embed_tokens.dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,24 +81,45 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Hidden states [T, d] after the final norm, for the flat batch of new tokens described by `batch`."""
         arch = self.arch
+        compute_dtype = self.compute_dtype(input_ids.shape[0])
         hidden = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.rope.tables(batch.position_of_token)
+        cos, sin = (table.to(compute_dtype) for table in self.rope.tables(batch.position_of_token))
         for layer, key_cache, value_cache in zip(self.layers, key_caches, value_caches, strict=True):
             if layer.residual_adapter is not None:
                 hidden = hidden @ layer.residual_adapter
-            x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
+            x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps).to(compute_dtype)
             q, k, v = layer.qkv_proj(x).split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = RotaryEmbedding.apply(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
             k = RotaryEmbedding.apply(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
             write_kv(key_cache, value_cache, k, v.view(-1, arch.num_kv_heads, arch.head_dim), batch)
             attn = attend(q, key_cache, value_cache, batch, self.scale)
-            hidden = hidden + layer.o_proj(attn)
-            x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
+            hidden = hidden + layer.o_proj(attn)  # a bf16 block output promotes to the fp32 residual here
+            x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps).to(compute_dtype)
             gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)
             hidden = hidden + layer.down_proj(F.silu(gate) * up)
         return rms_norm(hidden, self.final_norm, arch.rms_norm_eps)
+
+    def compute_dtype(self, num_tokens: int) -> torch.dtype:
+        """The dtype a step of `num_tokens` tokens runs its blocks in."""
+        if self._bf16_from_rows is not None and num_tokens >= self._bf16_from_rows:
+            return torch.bfloat16
+        return self.dtype
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [S, vocab] for the rows of `hidden` that will be sampled."""
         return self.lm_head(hidden).float()
+
+
+def _shared_bf16_threshold(layers: list[DecoderLayer]) -> int | None:
+    """The row count from which every linear computes in bf16, or None where any linear never does (or they differ).
+
+    Layers without a `bf16_min_rows` attribute (LaRoSA's sparse ones) keep the whole model on its weights' dtype.
+    """
+    linears = [
+        linear for layer in layers for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+    ]
+    thresholds = {getattr(linear, "bf16_min_rows", None) for linear in linears}
+    if len(thresholds) != 1:
+        return None
+    return thresholds.pop()
