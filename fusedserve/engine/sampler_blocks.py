@@ -34,8 +34,11 @@ def block_argmax(xb: torch.Tensor, block_max: torch.Tensor, rows: torch.Tensor) 
 def _top_columns(values: np.ndarray, k: int) -> np.ndarray:
     """Column indices of each row's k largest values, largest first (numpy's SIMD partition and sort)."""
     width = values.shape[1]
-    part = np.argpartition(values, width - k, axis=1)[:, width - k:] if k < width else np.tile(
-        np.arange(width), (values.shape[0], 1))
+    part = (
+        np.argpartition(values, width - k, axis=1)[:, width - k :]
+        if k < width
+        else np.tile(np.arange(width), (values.shape[0], 1))
+    )
     order = np.argsort(-np.take_along_axis(values, part, 1), axis=1)
     return np.take_along_axis(part, order, 1)
 
@@ -67,9 +70,7 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return pos.clamp_(max=weights.shape[1] - 1)
 
 
-def blocked_inverse_cdf(
-    e: torch.Tensor, block_sums: torch.Tensor, rows: torch.Tensor, u: torch.Tensor
-) -> torch.Tensor:
+def blocked_inverse_cdf(e: torch.Tensor, block_sums: torch.Tensor, rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Index drawn from each whole row e[rows] of weights [R, nb, BLOCK] (block_sums = e.sum(-1)): a block by
     its sum, then an id inside that block. A full-row cumsum's distribution at a fraction of its cost."""
     sums = block_sums[rows].double()
@@ -84,12 +85,14 @@ def blocked_inverse_cdf(
 def nucleus_weights(candidates: torch.Tensor, keep_from: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Weights to draw from among each row's best tokens, candidates [R, C] (float64, descending), when every
     survivor (candidate >= keep_from: min_p and top_k) is a candidate. The nucleus keeps a survivor while the
-    survivor mass strictly before it is below top_p of the survivors' total (vLLM/HF top-p)."""
+    survivor mass strictly before it is below top_p of the survivors' total (vLLM/HF top-p), and every tie of
+    the last one kept (as draw_truncated_row and the C++ kernel do)."""
     survivors = candidates * (candidates >= keep_from[:, None])
     inclusive = survivors.cumsum(-1)
-    nucleus = (inclusive - survivors < top_p[:, None] * inclusive[:, -1:]) | (top_p[:, None] >= 1.0)
-    nucleus[:, 0] = True
-    return survivors * nucleus
+    reached = inclusive >= top_p[:, None] * inclusive[:, -1:]
+    reached[:, -1] = True  # rounding can leave the whole mass a hair below top_p of itself
+    threshold = survivors.gather(1, reached.to(torch.uint8).argmax(-1, keepdim=True))  # the first to reach it
+    return survivors * ((survivors >= threshold) | (top_p[:, None] >= 1.0))
 
 
 def draw_truncated_row(values: np.ndarray, mass: float, top_k: int, min_p: float, top_p: float, u: float) -> int:

@@ -1,4 +1,5 @@
-"""Sampler: each SamplingParams field does what OpenAI/vLLM say, on small vocabularies, with real assertions."""
+"""Sampler: each SamplingParams field does what OpenAI/vLLM say, on small vocabularies, with real assertions.
+Every test runs twice: on the C++ row kernel and on the pure-torch path (FUSEDSERVE_NO_CPP_KERNELS=1)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from fusedserve.engine.request import Request
-from fusedserve.engine.sampler import NUM_CANDIDATES, Sampler
+from fusedserve.engine.sampler import Sampler
 from fusedserve.engine.sampler_blocks import BLOCK, block_topk, draw_truncated_row, to_blocks
+from fusedserve.engine.sampler_rows import NUM_CANDIDATES, load_sampler_kernel
 from fusedserve.engine.sampling_params import SamplingParams
+from fusedserve.kernels.cpu.extensions import DISABLE_ENV
 
 torch.set_num_threads(1)
 EOS = 3
@@ -31,8 +34,9 @@ def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.bincount(tokens, minlength=vocab).double() / len(tokens)
 
 
-def softmax_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                      min_p: float = 0.0) -> torch.Tensor:
+def softmax_reference(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """vLLM's order: temperature, min_p, top_k, top_p (sort-based), renormalised."""
     x = logits.double() / temperature
     probs = torch.softmax(x, -1)
@@ -42,6 +46,16 @@ def softmax_reference(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     ordered, order = torch.softmax(x, -1).sort(descending=True)
     x[order[(ordered.cumsum(0) - ordered) >= top_p]] = -math.inf
     return torch.softmax(x, -1)
+
+
+@pytest.fixture(autouse=True, params=["cpp", "torch"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which implementation the Samplers built in the test use."""
+    if request.param == "torch":
+        monkeypatch.setenv(DISABLE_ENV, "1")
+    elif load_sampler_kernel() is None:
+        pytest.skip("the C++ sampler kernel cannot be built here")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -68,8 +82,10 @@ def test_greedy_rows_in_a_mixed_batch_still_take_the_argmax(logits: torch.Tensor
 def test_sample_leaves_the_callers_logits_unchanged(logits: torch.Tensor):
     x = logits.expand(2, -1).contiguous()
     before = x.clone()
-    requests = [request(output=[5, 5, 7], frequency_penalty=1.0, repetition_penalty=1.5, logit_bias={9: 50.0},
-                        min_tokens=10), request(temperature=0.0, logit_bias={4: -100.0})]
+    requests = [
+        request(output=[5, 5, 7], frequency_penalty=1.0, repetition_penalty=1.5, logit_bias={9: 50.0}, min_tokens=10),
+        request(temperature=0.0, logit_bias={4: -100.0}),
+    ]
     Sampler(200, [EOS], seed=0).sample(x, requests)
     assert torch.equal(x, before)
 
