@@ -1,13 +1,15 @@
 """LaRoSA on SmolLM2-135M: perplexity and decode speed, LaRoSA vs unrotated top-k (TEAL-style) vs dense.
 
 1. Quality: perplexity on held-out Python-documentation text (never seen by calibration) at sparsity 0/25/40/50%
-   for LaRoSA (rotated folder) and for plain magnitude top-k on the original model with the same per-module
-   coefficients. Exact fp32 dense layers, so the numbers measure the method, not bf16 rounding.
+   for LaRoSA (rotated folder) with the greedy per-layer allocation ("larosa", re-planned per sparsity from the
+   folder's sensitivity table) and with the fixed-ratio allocation ("larosa_fixed_ratio"), and for plain magnitude
+   top-k on the original model with fixed-ratio coefficients ("topk"). Exact fp32 dense layers, so the numbers
+   measure the method, not bf16 rounding.
 2. Speed: decode tokens/s of the model forward + LM head with a single-position KV write per sequence (context
    fixed at --context tokens), at batch 1, 4 and 16, dense vs LaRoSA 40% and 50%, with the engine's default
    mixed-precision dense layers. Configurations are interleaved round by round and each ratio is the median of
    per-round ratios, so load from other processes on the shared cores hits all of them alike. Batch 1/4/16 at 1
-   torch thread (the summary), batch 1/4 at 2 threads.
+   torch thread (the summary), batch 1/4 at 2 threads. LaRoSA runs with the allocation given by --speed-allocation.
 3. The union of kept channels per batch (LaRoSA vs unrotated), which decides the per-step sparse/dense choice.
 Writes docs/results/larosa.json (with a "summary" object) and a PNG; prints tables. Asserts nothing.
 """
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 
 from fusedserve.engine.larosa.calibrate import CalibrationConfig, build_larosa_model
 from fusedserve.engine.larosa.corpus import PYTHON_DOCS, corpus_windows
-from fusedserve.engine.larosa.runtime import sparse_linear_factory
-from fusedserve.engine.larosa.sparsity import plan_for_arch
+from fusedserve.engine.larosa.runtime import layer_index, module_kind, plan_for, sparse_linear_factory
+from fusedserve.engine.larosa.sparsity import FIXED_RATIO, GREEDY
 from fusedserve.engine.model.default_model import cache_root, ensure_default_model
 from fusedserve.engine.model.llama import LlamaModel
 from fusedserve.engine.model.loader import LinearFactory, dense_linear_factory, load_llama
@@ -38,17 +40,17 @@ from fusedserve.kernels.sparse_linear import TopKSparseLinear, topk_mask
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
-def factory_for(model_dir: Path, sparsity: float, dense: LinearFactory, mask_all: bool = False) -> LinearFactory:
+# quality method -> (which folder, which allocation)
+METHODS = {"larosa": ("larosa", GREEDY), "larosa_fixed_ratio": ("larosa", FIXED_RATIO), "topk": ("dense", FIXED_RATIO)}
+
+
+def factory_for(
+    model_dir: Path, sparsity: float, dense: LinearFactory, mask_all: bool = False, allocation: str = GREEDY
+) -> LinearFactory:
     """mask_all: top-k on every token, also on the dense path (quality); off: as served (speed)."""
     if sparsity == 0.0:
         return dense
-    return sparse_linear_factory(plan_for_arch(load_arch(model_dir), sparsity), dense, mask_dense_path=mask_all)
-
-
-def load_arch(model_dir: Path):
-    from fusedserve.engine.model.arch import LlamaArch
-
-    return LlamaArch.from_model_dir(model_dir)
+    return sparse_linear_factory(plan_for(model_dir, sparsity, allocation), dense, mask_dense_path=mask_all)
 
 
 def caches(model: LlamaModel, slots: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -71,15 +73,18 @@ def perplexity(model: LlamaModel, windows: list[torch.Tensor]) -> float:
 
 
 def quality(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tensor], sparsities: list[float]) -> dict:
-    results: dict[str, dict[str, float]] = {"larosa": {}, "topk": {}}
-    for method, model_dir in (("larosa", larosa_dir), ("topk", dense_dir)):
+    results: dict[str, dict[str, float]] = {method: {} for method in METHODS}
+    folders = {"larosa": larosa_dir, "dense": dense_dir}
+    for method, (folder, allocation) in METHODS.items():
+        model_dir = folders[folder]
         for s in sparsities:
-            if method == "topk" and s == 0.0:
+            if method != "larosa" and s == 0.0:
                 continue
             started = time.perf_counter()
-            model = load_llama(model_dir, make_linear=factory_for(model_dir, s, dense_linear_factory, True))
+            factory = factory_for(model_dir, s, dense_linear_factory, True, allocation)
+            model = load_llama(model_dir, make_linear=factory)
             results[method][f"{s:.2f}"] = ppl = perplexity(model, windows)
-            print(f"  ppl {method:6s} s={s:.2f}: {ppl:8.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"  ppl {method:18s} s={s:.2f}: {ppl:8.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
             del model
     results["dense"] = results["larosa"]["0.00"]  # rotated dense == original dense (tested to 1e-3)
     return results
@@ -121,11 +126,12 @@ def speed(dense_dir: Path, larosa_dir: Path, plan: list[tuple[int, list[int]]], 
 
     configs = {"dense": (dense_dir, 0.0), "larosa_40": (larosa_dir, 0.4), "larosa_50": (larosa_dir, 0.5)}
     largest = max(b for _, sizes in plan for b in sizes)
-    benches = {
-        name: DecodeBench(load_llama(d, max_positions=args.context + 1, make_linear=factory_for(d, s, mixed)),
-                          [largest], args.context)
-        for name, (d, s) in configs.items()
-    }
+
+    def load(d: Path, s: float) -> LlamaModel:
+        factory = factory_for(d, s, mixed, allocation=args.speed_allocation)
+        return load_llama(d, max_positions=args.context + 1, make_linear=factory)
+
+    benches = {name: DecodeBench(load(d, s), [largest], args.context) for name, (d, s) in configs.items()}
     results: dict[str, dict] = {}
     for thread_count, batch_sizes in plan:
         torch.set_num_threads(thread_count)
@@ -143,10 +149,13 @@ def speed(dense_dir: Path, larosa_dir: Path, plan: list[tuple[int, list[int]]], 
                 row[f"speedup_{name}"] = statistics.median(d / s for d, s in pairs)
                 row[f"sparse_call_fraction_{name}"] = sparse_fraction(benches[name].model)
             results[f"t{thread_count}_b{b}"] = row
-            print(f"  threads={thread_count} batch={b:2d}: " + "  ".join(
-                f"{n} {v:7.1f} tok/s" for n, v in row["tok_s"].items())
+            print(
+                f"  threads={thread_count} batch={b:2d}: "
+                + "  ".join(f"{n} {v:7.1f} tok/s" for n, v in row["tok_s"].items())
                 + f"  x40 {row['speedup_larosa_40']:.2f}  x50 {row['speedup_larosa_50']:.2f}"
-                + f"  sparse-path {row['sparse_call_fraction_larosa_50']:.0%}", flush=True)
+                + f"  sparse-path {row['sparse_call_fraction_larosa_50']:.0%}",
+                flush=True,
+            )
     return results
 
 
@@ -156,11 +165,11 @@ def union_fractions(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tenso
     out: dict[str, dict[str, float]] = {}
     for method, model_dir in (("larosa", larosa_dir), ("topk", dense_dir)):
         seen: dict[int, list[float]] = {1: [], 4: [], 16: []}
-        plan = plan_for_arch(load_arch(model_dir), sparsity)
+        plan = plan_for(model_dir, sparsity, METHODS[method][1])
 
         def recording(name: str, weight: torch.Tensor, bias: torch.Tensor | None, plan=plan, seen=seen):
             inner = dense_linear_factory(name, weight, bias)
-            k = plan.kept(name.rsplit(".", 1)[-1], weight.shape[1])
+            k = plan.kept(module_kind(name), weight.shape[1], layer_index(name))
             if k is None:
                 return inner
 
@@ -177,8 +186,11 @@ def union_fractions(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tenso
         model = load_llama(model_dir, make_linear=recording)
         perplexity(model, windows[:1])
         out[method] = {f"b{b}": statistics.mean(v) for b, v in seen.items()}
-        print(f"  union of kept channels, {method}, s={sparsity}: "
-              + "  ".join(f"{k} {v:.0%}" for k, v in out[method].items()), flush=True)
+        print(
+            f"  union of kept channels, {method}, s={sparsity}: "
+            + "  ".join(f"{k} {v:.0%}" for k, v in out[method].items()),
+            flush=True,
+        )
     return out
 
 
@@ -190,9 +202,16 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     q = results["quality"]
-    for method, label in (("larosa", "LaRoSA (rotated)"), ("topk", "top-k, unrotated (TEAL-style)")):
+    labels = {
+        "larosa": "LaRoSA, greedy per-layer allocation",
+        "larosa_fixed_ratio": "LaRoSA, fixed ratio 0.8:1.2",
+        "topk": "top-k, unrotated (TEAL-style)",
+    }
+    for method, label in labels.items():
+        if method not in q:
+            continue
         points = sorted((float(s), p) for s, p in q[method].items())
-        if method == "topk":
+        if method != "larosa":
             points = [(0.0, q["dense"])] + points
         left.plot([100 * s for s, _ in points], [p for _, p in points], marker="o", label=label)
     left.axhline(q["dense"] * 1.05, color="grey", linestyle=":", label="dense +5%")
@@ -202,11 +221,16 @@ def plot(results: dict, path: Path) -> None:
     labels = list(speeds)
     x = range(len(labels))
     for offset, name in ((-0.2, "larosa_40"), (0.2, "larosa_50")):
-        right.bar([i + offset for i in x], [speeds[k][f"speedup_{name}"] for k in labels], width=0.4,
-                  label=name.replace("_", " ") + "%")
+        right.bar(
+            [i + offset for i in x],
+            [speeds[k][f"speedup_{name}"] for k in labels],
+            width=0.4,
+            label=name.replace("_", " ") + "%",
+        )
     right.axhline(1.0, color="black", linewidth=0.8)
     right.set_xticks(list(x), [k.replace("_", "\n") for k in labels])
-    right.set(ylabel="decode tokens/s vs dense", title="Decode speed-up (threads, batch)")
+    title = f"Decode speed-up (threads, batch; {results.get('speed_allocation', FIXED_RATIO)} levels)"
+    right.set(ylabel="decode tokens/s vs dense", title=title)
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -227,7 +251,11 @@ def main() -> None:
     parser.add_argument("--ppl-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "larosa.json")
     parser.add_argument("--reuse-quality", action="store_true", help="keep quality/unions from --out; time only")
+    parser.add_argument("--reuse-speed", action="store_true", help="keep the speed results from --out; quality only")
+    parser.add_argument("--speed-allocation", choices=[GREEDY, FIXED_RATIO], default=GREEDY)
     args = parser.parse_args()
+    if args.reuse_quality and args.reuse_speed:
+        parser.error("--reuse-quality and --reuse-speed together measure nothing")
 
     dense_dir = args.model or ensure_default_model()
     larosa_dir = args.larosa or cache_root() / "models" / f"{dense_dir.name}-larosa"
@@ -247,27 +275,50 @@ def main() -> None:
         sparsities = [float(s) for s in args.sparsities.split(",")]
         q = quality(dense_dir, larosa_dir, heldout, sparsities)
         unions = union_fractions(dense_dir, larosa_dir, heldout, 0.5)
-    print("decode speed (median of interleaved rounds)", flush=True)
-    plan = [(1, [int(b) for b in args.batches.split(",")])]
-    if args.batches_2t:
-        plan.append((2, [int(b) for b in args.batches_2t.split(",")]))
-    s = speed(dense_dir, larosa_dir, plan, args)
+    if args.reuse_speed:
+        previous = json.loads(args.out.read_text())
+        s, speed_allocation = previous["speed"], previous.get("speed_allocation", FIXED_RATIO)
+        args.context, args.steps, args.rounds = (previous["setup"][k] for k in ("context", "steps", "rounds"))
+    else:
+        print("decode speed (median of interleaved rounds)", flush=True)
+        plan = [(1, [int(b) for b in args.batches.split(",")])]
+        if args.batches_2t:
+            plan.append((2, [int(b) for b in args.batches_2t.split(",")]))
+        s, speed_allocation = speed(dense_dir, larosa_dir, plan, args), args.speed_allocation
     first = "t1"
     summary = {
         "ppl_dense": q["dense"],
-        "ppl_larosa_40": q["larosa"]["0.40"], "ppl_larosa_50": q["larosa"]["0.50"],
-        "ppl_topk_40": q["topk"]["0.40"], "ppl_topk_50": q["topk"]["0.50"],
-        "speedup_b1_40": s[f"{first}_b1"]["speedup_larosa_40"], "speedup_b1_50": s[f"{first}_b1"]["speedup_larosa_50"],
+        "ppl_larosa_40": q["larosa"]["0.40"],
+        "ppl_larosa_50": q["larosa"]["0.50"],
+        "ppl_topk_40": q["topk"]["0.40"],
+        "ppl_topk_50": q["topk"]["0.50"],
+        "ppl_larosa_25": q["larosa"].get("0.25"),
+        "ppl_topk_25": q["topk"].get("0.25"),
+        **{f"ppl_larosa_fixed_ratio_{level[2:4]}": p for level, p in q.get("larosa_fixed_ratio", {}).items()},
+        "speedup_b1_40": s[f"{first}_b1"]["speedup_larosa_40"],
+        "speedup_b1_50": s[f"{first}_b1"]["speedup_larosa_50"],
         "speedup_b4_50": s[f"{first}_b4"]["speedup_larosa_50"],
         "speedup_b16_50": s[f"{first}_b16"]["speedup_larosa_50"],
     }
     results = {
         "summary": summary,
         "summary_threads": 1,
-        "quality": q, "union_of_kept_channels_s50": unions, "speed": s,
-        "setup": {"model": str(dense_dir), "larosa": str(larosa_dir), "eval_tokens": args.eval_tokens,
-                  "seq_len": args.seq_len, "context": args.context, "steps": args.steps, "rounds": args.rounds,
-                  "corpus": "python3.11-doc held-out split", "torch": torch.__version__},
+        "allocation": {"larosa": GREEDY, "larosa_fixed_ratio": FIXED_RATIO, "topk": FIXED_RATIO},
+        "speed_allocation": speed_allocation,
+        "quality": q,
+        "union_of_kept_channels_s50": unions,
+        "speed": s,
+        "setup": {
+            "model": str(dense_dir),
+            "larosa": str(larosa_dir),
+            "eval_tokens": args.eval_tokens,
+            "seq_len": args.seq_len,
+            "context": args.context,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "corpus": "python3.11-doc held-out split",
+            "torch": torch.__version__,
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

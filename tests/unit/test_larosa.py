@@ -16,10 +16,18 @@ from fusedserve.engine.larosa.calibrate import (
     fp32_dense_factory,
     run_window,
 )
-from fusedserve.engine.larosa.runtime import larosa_linear_factory
-from fusedserve.engine.manifest import read_manifest
+from fusedserve.engine.larosa.runtime import larosa_linear_factory, larosa_plan
+from fusedserve.engine.larosa.sensitivity import (
+    SENSITIVITY_FILE,
+    LayerReplay,
+    SensitivityTable,
+    measure_sensitivity,
+    probe_factory,
+)
+from fusedserve.engine.larosa.sparsity import SPARSE_MODULES, module_shapes
+from fusedserve.engine.manifest import read_manifest, update_manifest
 from fusedserve.engine.model.arch import LlamaArch
-from fusedserve.engine.model.llama import LlamaModel
+from fusedserve.engine.model.llama import LlamaModel, rms_norm
 from fusedserve.engine.model.loader import load_llama, read_state_dict
 from fusedserve.kernels.attention import SlotBatch
 from fusedserve.kernels.sparse_linear import TopKSparseLinear
@@ -50,10 +58,19 @@ def write_tiny_llama(out: Path, dtype: torch.dtype = torch.float64, seed: int = 
         state[p + "mlp.down_proj.weight"] = randn(d, ffn)
     save_file(state, str(out / "model.safetensors"))
     config = {
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": d, "intermediate_size": ffn,
-        "num_hidden_layers": 3, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": True, "eos_token_id": 2,
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": d,
+        "intermediate_size": ffn,
+        "num_hidden_layers": 3,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
     }
     (out / "config.json").write_text(json.dumps(config))
     return out
@@ -112,8 +129,8 @@ def test_calibrated_rotations_are_orthogonal_eigenbases() -> None:
 def test_calibrate_writes_folder_manifest_and_sparse_factory(tmp_path: Path) -> None:
     source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
     windows = list(torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(3)))
-    out = build_larosa_model(source, tmp_path / "larosa", CalibrationConfig(sparsity=0.4), windows, "random",
-                             progress=False)
+    config = CalibrationConfig(sparsity=0.4, allocation="fixed-ratio")
+    out = build_larosa_model(source, tmp_path / "larosa", config, windows, "random", progress=False)
     entry = read_manifest(out)["larosa"]
     assert entry["sparsity"] == 0.4 and entry["transformers_loadable"] is False
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -129,6 +146,56 @@ def test_calibrate_writes_folder_manifest_and_sparse_factory(tmp_path: Path) -> 
     run_window(sparse, ids)  # the sparse model runs end to end
 
 
+def test_greedy_calibration_writes_per_layer_plan_at_the_target_and_serves_it(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
+    windows = list(torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(3)))
+    out = build_larosa_model(
+        source, tmp_path / "larosa", CalibrationConfig(sparsity=0.4), windows, "random", progress=False
+    )
+    entry = read_manifest(out)["larosa"]
+    assert entry["plan"]["allocation"] == "greedy" and entry["sensitivity"] == SENSITIVITY_FILE
+    plan = larosa_plan(out)
+    shapes = module_shapes(LlamaArch.from_model_dir(out))
+    total = sum(s.params for s in shapes.values()) * 3
+    assert plan.achieved(shapes) == pytest.approx(0.4, abs=max(s.out_features for s in shapes.values()) / total)
+    sparse = load_llama(out, make_linear=larosa_linear_factory(out))
+    for index, layer in enumerate(sparse.layers):
+        for kind in SPARSE_MODULES:
+            linear = getattr(layer, kind)
+            assert getattr(linear, "k", None) == plan.kept(kind, linear.in_features, index)
+    run_window(sparse, windows[0])
+    assert larosa_plan(out, 0.25).achieved(shapes) == pytest.approx(0.25, abs=0.01)  # re-planned from the table
+    assert larosa_plan(out, allocation="fixed-ratio").layer_sparsity == ()
+
+
+def test_folder_with_one_level_per_module_kind_still_loads_and_serves(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
+    out = save_rotated(source, tmp_path / "old", random_rotations(3, 64), torch.float32)
+    levels = {"qkv_proj": 0.25, "o_proj": 0.5, "gate_up_proj": 0.25, "down_proj": 0.5}
+    update_manifest(out, "larosa", {"version": 1, "sparsity": 0.4, "plan": {"target": 0.4, "module_sparsity": levels}})
+    sparse = load_llama(out, make_linear=larosa_linear_factory(out))
+    assert {layer.o_proj.k for layer in sparse.layers} == {32}
+    assert {layer.down_proj.k for layer in sparse.layers} == {64}
+    run_window(sparse, torch.arange(20))
+
+
+def test_layer_replay_rebuilds_the_residual_stream_and_errors_grow_with_sparsity(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
+    model = load_llama(source, max_positions=32, make_linear=probe_factory)
+    replay = LayerReplay(model, 0, 32)
+    hidden = torch.nn.functional.embedding(torch.arange(5, 37), model.embed_tokens)
+    normalised = replay.normalised_output(hidden)
+    rebuilt = rms_norm(replay.residual_output(hidden), None, model.arch.rms_norm_eps)
+    torch.testing.assert_close(rebuilt, normalised, rtol=0, atol=1e-6)
+    windows = list(torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(4)))
+    table = measure_sensitivity(source, windows, progress=False)
+    assert len(table.errors) == 3 and len(table.layer_weights) == 3 and min(table.layer_weights) > 0
+    for layer in table.errors:
+        for curve in layer.values():
+            assert curve[0] == 0 and curve[-1] > curve[len(curve) // 2] > 0
+    assert SensitivityTable.from_json(table.to_json()) == table
+
+
 @pytest.mark.slow
 def test_rotated_smollm2_reproduces_logits_in_float32(tmp_path: Path) -> None:
     from fusedserve.engine.model.default_model import ensure_default_model
@@ -139,8 +206,8 @@ def test_rotated_smollm2_reproduces_logits_in_float32(tmp_path: Path) -> None:
     expected = logits_of(dense, ids)
     del dense
     windows = [torch.arange(1000, 1128)]
-    out = build_larosa_model(source, tmp_path / "larosa", CalibrationConfig(sparsity=0.4), windows, "ids",
-                             progress=False)
+    config = CalibrationConfig(sparsity=0.4, allocation="fixed-ratio")  # the logits, not the allocation
+    out = build_larosa_model(source, tmp_path / "larosa", config, windows, "ids", progress=False)
     got = logits_of(load_llama(out, max_positions=64, make_linear=fp32_dense_factory), ids)
     assert (got - expected).abs().max().item() < 1e-3 * expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

@@ -3,8 +3,10 @@
 Steps: run the dense model (our LlamaModel, fp32) over a few tens of thousands of tokens of real text; for each
 layer accumulate, in float64, the uncentred covariance H_l = sum x^T x of the normalised, scale-free attention
 input x = h / rms(h); take Q_l = eigenvectors of H_l + damping * mean(diag H_l) * I; absorb the rotations
-(absorb.py); write the folder and its manifest entry "larosa" (sparsity plan, calibration record). Progress
-shows with tqdm and a partial covariance file lets an interrupted run resume. Never modifies the source folder.
+(absorb.py); for the greedy allocation, measure on the rotated weights how much each (layer, module) suffers from
+top-k (sensitivity.py) and allocate the per-layer levels from that; write the folder, its sensitivity table and its
+manifest entry "larosa" (sparsity plan, calibration record). Progress shows with tqdm and partial covariance and
+sensitivity files let an interrupted run resume. Never modifies the source folder.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from typing import Any
 import torch
 
 from fusedserve.engine.larosa.absorb import absorb_rotations, rotations_from_covariances
-from fusedserve.engine.larosa.sparsity import plan_for_arch
+from fusedserve.engine.larosa.sensitivity import SENSITIVITY_FILE, measure_sensitivity
+from fusedserve.engine.larosa.sparsity import ALLOCATIONS, GREEDY, module_shapes, plan_for_arch
 from fusedserve.engine.manifest import MANIFEST_FILE, read_manifest, update_manifest
 from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.llama import LlamaModel
@@ -45,6 +49,9 @@ class CalibrationConfig:
     num_tokens: int = 32768
     seq_len: int = 1024
     damping: float = 0.01
+    allocation: str = GREEDY  # "greedy" (per layer, from measured errors) or "fixed-ratio" (one level per kind)
+    sensitivity_tokens: int = 1024  # of the calibration text, for the greedy allocation's error table
+    sensitivity_seq_len: int = 512
 
 
 class CovarianceRecorder:
@@ -96,8 +103,12 @@ def collect_covariances(
     seq_len = max(int(w.shape[0]) for w in windows)
     model = load_llama(model_dir, torch.float32, max_positions=seq_len, make_linear=fp32_dense_factory)
     recorders = attach_recorders(model)
-    fingerprint = {"model": str(Path(model_dir).resolve()), "windows": len(windows), "seq_len": seq_len,
-                   "first_ids": windows[0][:16].tolist()}
+    fingerprint = {
+        "model": str(Path(model_dir).resolve()),
+        "windows": len(windows),
+        "seq_len": seq_len,
+        "first_ids": windows[0][:16].tolist(),
+    }
     done = 0
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
@@ -106,10 +117,17 @@ def collect_covariances(
             for recorder, h in zip(recorders, saved["covariances"], strict=True):
                 recorder.covariance = h
     last_save = time.monotonic()
-    for index in tqdm(range(done, len(windows)), initial=done, total=len(windows), disable=not progress,
-                      desc="larosa calibrate", unit="window"):
+    for index in tqdm(
+        range(done, len(windows)),
+        initial=done,
+        total=len(windows),
+        disable=not progress,
+        desc="larosa calibrate",
+        unit="window",
+    ):
         run_window(model, windows[index])
-        if checkpoint is not None and time.monotonic() - last_save > CHECKPOINT_EVERY_S:
+        done_all = index + 1 == len(windows)
+        if checkpoint is not None and (done_all or time.monotonic() - last_save > CHECKPOINT_EVERY_S):
             _save_checkpoint(checkpoint, fingerprint, index + 1, recorders)
             last_save = time.monotonic()
     return [recorder.covariance for recorder in recorders]
@@ -117,16 +135,32 @@ def collect_covariances(
 
 def _save_checkpoint(path: Path, fingerprint: dict[str, Any], done: int, recorders: list[CovarianceRecorder]) -> None:
     tmp = path.with_suffix(".tmp")
-    payload = {"fingerprint": json.dumps(fingerprint), "windows_done": done,
-               "covariances": [r.covariance for r in recorders]}
+    payload = {
+        "fingerprint": json.dumps(fingerprint),
+        "windows_done": done,
+        "covariances": [r.covariance for r in recorders],
+    }
     torch.save(payload, tmp)
     tmp.replace(path)
 
 
+def sensitivity_windows(windows: list[torch.Tensor], num_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """The first num_tokens calibration tokens in windows of seq_len (one shorter window if there are fewer)."""
+    ids = torch.cat(windows)[:num_tokens]
+    seq_len = min(seq_len, ids.numel())
+    return list(ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len))
+
+
 def write_larosa_folder(
-    model_dir: Path, out_dir: Path, state: dict[str, torch.Tensor], entry: dict[str, Any]
+    model_dir: Path,
+    out_dir: Path,
+    state: dict[str, torch.Tensor],
+    entry: dict[str, Any],
+    annotate: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write config (untied), weights, the source's tokenizer files and the manifest; atomically replaces out_dir."""
+    """Write config (untied), weights, the source's tokenizer files and the manifest; atomically replaces out_dir.
+
+    annotate(folder): runs on the written weights before the manifest; its keys are added to the entry."""
     from safetensors.torch import save_file
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -141,6 +175,8 @@ def write_larosa_folder(
         config["tie_word_embeddings"] = False
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if annotate is not None:
+            entry = {**entry, **annotate(tmp)}
         update_manifest(tmp, MANIFEST_KEY, entry, base=read_manifest(model_dir))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -163,28 +199,45 @@ def build_larosa_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if MANIFEST_KEY in read_manifest(model_dir):
         raise ValueError(f"{model_dir} is already a LaRoSA model; calibrate its dense source instead")
+    if config.allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {config.allocation!r} ({', '.join(ALLOCATIONS)})")
     arch = LlamaArch.from_model_dir(model_dir)
     plan = plan_for_arch(arch, config.sparsity)  # validates the sparsity before the long run
     checkpoint = out_dir.parent / f".{out_dir.name}.larosa-partial.pt"
+    sensitivity_checkpoint = out_dir.parent / f".{out_dir.name}.larosa-sensitivity-partial.json"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     covariances = collect_covariances(model_dir, windows, checkpoint, progress)
     rotations = rotations_from_covariances(covariances, config.damping)
     source = read_state_dict(model_dir)
     state = absorb_rotations(source, arch, rotations, dtype=source["model.embed_tokens.weight"].dtype)
+    del source
+
+    def allocate(folder: Path) -> dict[str, Any]:
+        """The plan (greedy: from the error table measured on the rotated weights in `folder`)."""
+        if config.allocation != GREEDY:
+            return {"plan": plan.to_json()}
+        probe_windows = sensitivity_windows(windows, config.sensitivity_tokens, config.sensitivity_seq_len)
+        identity = f"{model_dir.resolve()} -> {out_dir.resolve()} {asdict(config)}"
+        table = measure_sensitivity(
+            folder, probe_windows, checkpoint=sensitivity_checkpoint, progress=progress, identity=identity
+        )
+        table.save(folder)
+        greedy = table.greedy_plan(module_shapes(arch), config.sparsity)
+        return {"plan": greedy.to_json(), "sensitivity": SENSITIVITY_FILE}
+
     entry = {
         "version": FORMAT_VERSION,
         "sparsity": config.sparsity,
-        "plan": plan.to_json(),
         "rotated": True,
         "norms_folded": True,
         "untied_lm_head": True,
         "residual_adapters": "model.layers.N.residual_adapter for N >= 1: h <- h @ A before layer N",
-        "calibration": {**asdict(config), "corpus": corpus_name,
-                        "tokens": int(sum(w.numel() for w in windows))},
+        "calibration": {**asdict(config), "corpus": corpus_name, "tokens": int(sum(w.numel() for w in windows))},
         "base_model": str(model_dir),
         "transformers_loadable": False,
         "note": HF_NOTE,
     }
-    write_larosa_folder(model_dir, out_dir, state, entry)
+    write_larosa_folder(model_dir, out_dir, state, entry, annotate=allocate)
     checkpoint.unlink(missing_ok=True)
+    sensitivity_checkpoint.unlink(missing_ok=True)
     return out_dir

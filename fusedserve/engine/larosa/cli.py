@@ -24,6 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768)")
     calibrate.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window")
     calibrate.add_argument("--damping", type=float, default=0.01, help="diagonal damping, times mean(diag H)")
+    calibrate.add_argument(
+        "--allocation",
+        choices=["greedy", "fixed-ratio"],
+        default="greedy",
+        help="greedy (default): per-layer, per-module levels from errors measured on the rotated model; "
+        "fixed-ratio: one level per module kind, 0.8:1.2 for residual-stream vs o/down inputs",
+    )
+    calibrate.add_argument(
+        "--sensitivity-tokens", type=int, default=1024, help="calibration tokens the greedy allocation measures on"
+    )
     calibrate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     calibrate.set_defaults(handler=run_calibrate)
 
@@ -40,11 +50,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = CalibrationConfig(
-        sparsity=args.sparsity, corpus=args.corpus, num_tokens=args.tokens, seq_len=args.seq_len,
+        sparsity=args.sparsity,
+        corpus=args.corpus,
+        num_tokens=args.tokens,
+        seq_len=args.seq_len,
         damping=args.damping,
+        allocation=args.allocation,
+        sensitivity_tokens=args.sensitivity_tokens,
     )
     tokenizer = load_tokenizer(args.model)  # AdaptiVocab folders tokenize with their PatchTokenizer
     windows = corpus_windows(args.corpus, tokenizer, "train", args.seq_len, args.tokens)
     out = build_larosa_model(Path(args.model), Path(args.out), config, windows, args.corpus or PYTHON_DOCS)
-    print(f"wrote {out} ({sum(w.numel() for w in windows)} calibration tokens, sparsity {args.sparsity})")
+    tokens = sum(w.numel() for w in windows)
+    print(f"wrote {out} ({tokens} calibration tokens, sparsity {args.sparsity}, {args.allocation} allocation)")
     return 0
