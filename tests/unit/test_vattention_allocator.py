@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from kv_contents import fill_slot, slot_holds
 
 from fusedserve.engine.config import CacheConfig
 from fusedserve.engine.kv_cache import KVCacheSpec, StaticKVCache
@@ -33,20 +34,6 @@ def cache():
     cache.close()
 
 
-def _fill(cache: VAttentionKVCache, slot: int, length: int, value: float) -> None:
-    for layer in range(SPEC.num_layers):
-        cache.key_cache[layer][slot, :length] = value + layer
-        cache.value_cache[layer][slot, :length] = -(value + layer)
-
-
-def _holds(cache: VAttentionKVCache, slot: int, length: int, value: float) -> bool:
-    return all(
-        bool((cache.key_cache[layer][slot, :length] == value + layer).all())
-        and bool((cache.value_cache[layer][slot, :length] == -(value + layer)).all())
-        for layer in range(SPEC.num_layers)
-    )
-
-
 def test_pages_follow_the_reserved_length(cache):
     slot = cache.allocate_slot()
     for length, pages in ((1, 1), (16, 1), (17, 2), (100, 7), (256, 16)):
@@ -61,8 +48,8 @@ def test_layers_keys_and_values_do_not_overlap(layout):
     slots = [cache.allocate_slot() for _ in range(3)]
     for index, slot in enumerate(slots):
         assert cache.reserve_tokens(slot, 40 + index)
-        _fill(cache, slot, 40 + index, 10.0 * (index + 1))
-    assert all(_holds(cache, slot, 40 + i, 10.0 * (i + 1)) for i, slot in enumerate(slots))
+        fill_slot(cache, slot, 40 + index, 10.0 * (index + 1))
+    assert all(slot_holds(cache, slot, 40 + i, 10.0 * (i + 1)) for i, slot in enumerate(slots))
     cache.close()
 
 
@@ -88,7 +75,7 @@ def test_map_ahead_maps_the_next_steps_pages_off_the_calling_thread(cache):
 def test_freed_slot_and_its_pages_go_to_the_next_request(cache):
     first = cache.allocate_slot()
     cache.reserve_tokens(first, 64)
-    _fill(cache, first, 64, 1.0)
+    fill_slot(cache, first, 64, 1.0)
     cache.free_slot(first)
     assert cache.usage(0).bytes_mapped == 4 * PAGE  # deferred: still mapped
     second = cache.allocate_slot()
@@ -106,8 +93,8 @@ def test_growth_moves_pages_from_idle_slots_when_the_pool_is_empty():
     assert cache.reserve_tokens(growing, 5 * TOKENS_PER_PAGE)
     assert cache.pages_of(growing) == 5 and cache.pages_of(idle) == 3
     assert cache.stats.pages_moved == 5
-    _fill(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
-    assert _holds(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
+    fill_slot(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
+    assert slot_holds(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
     cache.close()
 
 
@@ -115,12 +102,12 @@ def test_budget_exhaustion_refuses_growth_and_changes_nothing():
     cache = _cache(pages=8)
     a, b = cache.allocate_slot(), cache.allocate_slot()
     assert cache.reserve_tokens(a, 6 * TOKENS_PER_PAGE)
-    _fill(cache, a, 6 * TOKENS_PER_PAGE, 5.0)
+    fill_slot(cache, a, 6 * TOKENS_PER_PAGE, 5.0)
     assert not cache.reserve_tokens(b, 3 * TOKENS_PER_PAGE)
     assert cache.reserved_length(b) == 0 and cache.pages_of(b) == 0
     assert not cache.can_admit(3 * TOKENS_PER_PAGE) and cache.can_admit(2 * TOKENS_PER_PAGE)
     assert cache.reserve_tokens(b, 2 * TOKENS_PER_PAGE)
-    assert _holds(cache, a, 6 * TOKENS_PER_PAGE, 5.0)
+    assert slot_holds(cache, a, 6 * TOKENS_PER_PAGE, 5.0)
     cache.close()
 
 
@@ -128,12 +115,12 @@ def test_pages_below_an_in_flight_length_are_never_taken():
     cache = _cache(pages=8, map_ahead_tokens=4 * TOKENS_PER_PAGE)
     a, b = cache.allocate_slot(), cache.allocate_slot()
     assert cache.reserve_tokens(a, 2 * TOKENS_PER_PAGE)
-    _fill(cache, a, 2 * TOKENS_PER_PAGE, 7.0)
+    fill_slot(cache, a, 2 * TOKENS_PER_PAGE, 7.0)
     cache.prepare_next_step({a: 2 * TOKENS_PER_PAGE})  # maps 4 pages ahead: a holds 6 of 8
     cache.wait_for_map_ahead()
     assert cache.pages_of(a) == 6
     assert cache.reserve_tokens(b, 6 * TOKENS_PER_PAGE)  # 2 from the pool, 4 of a's mapped-ahead pages
-    assert cache.pages_of(a) == 2 and _holds(cache, a, 2 * TOKENS_PER_PAGE, 7.0)
+    assert cache.pages_of(a) == 2 and slot_holds(cache, a, 2 * TOKENS_PER_PAGE, 7.0)
     assert not cache.reserve_tokens(b, 7 * TOKENS_PER_PAGE)
     cache.close()
 

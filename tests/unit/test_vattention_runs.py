@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from kv_contents import fill_slot, slot_holds
 
 from fusedserve.engine.kv_cache import KVCacheSpec
 from fusedserve.engine.vattention.backend import BackendError
@@ -31,20 +32,6 @@ def _cache(pages: int = 48, map_runs: bool = True, prefault: bool = False) -> VA
         watermark=0.0,
         map_ahead_tokens=0,
         map_runs=map_runs,
-    )
-
-
-def _fill(cache: VAttentionKVCache, slot: int, length: int, value: float) -> None:
-    for layer in range(SPEC.num_layers):
-        cache.key_cache[layer][slot, :length] = value + layer
-        cache.value_cache[layer][slot, :length] = -(value + layer)
-
-
-def _holds(cache: VAttentionKVCache, slot: int, length: int, value: float) -> bool:
-    return all(
-        bool((cache.key_cache[layer][slot, :length] == value + layer).all())
-        and bool((cache.value_cache[layer][slot, :length] == -(value + layer)).all())
-        for layer in range(SPEC.num_layers)
     )
 
 
@@ -82,8 +69,8 @@ def test_the_page_at_a_time_path_maps_the_same_pages_with_one_call_each():
     slot = cache.allocate_slot()
     assert cache.reserve_tokens(slot, 5 * TOKENS_PER_PAGE)
     assert cache.pages_of(slot) == 5 and cache.stats.map_calls == 5 * REGIONS
-    _fill(cache, slot, 5 * TOKENS_PER_PAGE, 2.0)
-    assert _holds(cache, slot, 5 * TOKENS_PER_PAGE, 2.0)
+    fill_slot(cache, slot, 5 * TOKENS_PER_PAGE, 2.0)
+    assert slot_holds(cache, slot, 5 * TOKENS_PER_PAGE, 2.0)
     cache.close()
 
 
@@ -91,11 +78,11 @@ def test_contents_survive_growth_by_runs():
     cache = _cache()
     slot = cache.allocate_slot()
     assert cache.reserve_tokens(slot, 3 * TOKENS_PER_PAGE - 5)
-    _fill(cache, slot, 3 * TOKENS_PER_PAGE - 5, 4.0)
+    fill_slot(cache, slot, 3 * TOKENS_PER_PAGE - 5, 4.0)
     assert cache.reserve_tokens(slot, 9 * TOKENS_PER_PAGE)  # six more pages: one more run per region
-    assert _holds(cache, slot, 3 * TOKENS_PER_PAGE - 5, 4.0)
-    _fill(cache, slot, 9 * TOKENS_PER_PAGE, 6.0)
-    assert _holds(cache, slot, 9 * TOKENS_PER_PAGE, 6.0)
+    assert slot_holds(cache, slot, 3 * TOKENS_PER_PAGE - 5, 4.0)
+    fill_slot(cache, slot, 9 * TOKENS_PER_PAGE, 6.0)
+    assert slot_holds(cache, slot, 9 * TOKENS_PER_PAGE, 6.0)
     cache.close()
 
 
@@ -188,8 +175,8 @@ def test_a_freed_run_is_reused_and_its_memory_returned():
     second = cache.allocate_slot()
     assert cache.reserve_tokens(second, 8 * TOKENS_PER_PAGE)  # the whole budget again, from the pool
     assert cache.stats.pages_moved == 0 and cache.stats.map_calls == 2 * REGIONS
-    _fill(cache, second, 8 * TOKENS_PER_PAGE, 9.0)
-    assert _holds(cache, second, 8 * TOKENS_PER_PAGE, 9.0)
+    fill_slot(cache, second, 8 * TOKENS_PER_PAGE, 9.0)
+    assert slot_holds(cache, second, 8 * TOKENS_PER_PAGE, 9.0)
     cache.close()
 
 
@@ -201,8 +188,8 @@ def test_pages_moved_from_an_idle_slot_keep_their_order_and_carry_data():
     assert cache.reserve_tokens(growing, 5 * TOKENS_PER_PAGE)
     assert cache.pages_of(growing) == 5 and cache.pages_of(idle) == 3 and cache.stats.pages_moved == 5
     assert cache.stats.map_calls == 2 * REGIONS  # the idle slot's tail arrives as one run, not five pages
-    _fill(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
-    assert _holds(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
+    fill_slot(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
+    assert slot_holds(cache, growing, 5 * TOKENS_PER_PAGE, 3.0)
     cache.close()
 
 
@@ -221,7 +208,7 @@ def _replay(cache: VAttentionKVCache, seed: int) -> list[tuple[int, ...]]:
             target = min(SPEC.max_model_len, lengths[slot] + rng.randint(1, 6 * TOKENS_PER_PAGE))
             if cache.reserve_tokens(slot, target):
                 lengths[slot] = target
-                _fill(cache, slot, target, float(slot))
+                fill_slot(cache, slot, target, float(slot))
         elif action < 0.9 and lengths:
             slot = rng.choice(sorted(lengths))
             cache.free_slot(slot)
@@ -240,7 +227,7 @@ def _replay(cache: VAttentionKVCache, seed: int) -> list[tuple[int, ...]]:
             )
         )
         assert cache._allocator._runs == _runs_held(cache)  # the VMA estimate follows what is mapped
-    assert all(_holds(cache, slot, length, float(slot)) for slot, length in lengths.items())
+    assert all(slot_holds(cache, slot, length, float(slot)) for slot, length in lengths.items())
     return counts
 
 
