@@ -127,8 +127,9 @@ class LayerReplay:
 
     def __init__(self, model: LlamaModel, layer: int, max_len: int) -> None:
         self.layer = model.layers[layer]
-        placeholder = torch.zeros(1, model.arch.hidden_size, dtype=model.dtype)
-        self.model = LlamaModel(model.arch, placeholder, [self.layer], None, model.lm_head, max_len)
+        # The replay feeds hidden states, never token ids: a one-row embedding table only fixes dtype and device.
+        unused_embedding = torch.zeros(1, model.arch.hidden_size, dtype=model.dtype)
+        self.model = LlamaModel(model.arch, unused_embedding, [self.layer], None, model.lm_head, max_len)
 
     def normalised_output(self, hidden: torch.Tensor) -> torch.Tensor:
         """rms_norm(layer(hidden)) without a scale: the next layer's input."""
