@@ -53,12 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     experiment.add_argument("--out", type=Path, default=Path("runs/gstack"), help="run folders (checkpoints)")
     experiment.add_argument("--results", type=Path, default=Path("docs/results/gstack.json"))
-    experiment.add_argument("--budget-flops", type=float, default=2.2e13, help="FLOPs per compared run")
+    experiment.add_argument("--budget-flops", type=float, default=4.4e13, help="FLOPs per compared run")
     experiment.add_argument("--base-layers", type=int, default=2)
     experiment.add_argument("--factor", type=int, default=4)
     experiment.add_argument("--hidden", type=int, default=64)
     experiment.add_argument("--base-fraction", type=float, default=0.1, help="share of FLOPs for the base")
-    experiment.add_argument("--long-factor", type=float, default=2.0, help="scratch_long budget (0: skip)")
+    experiment.add_argument(
+        "--long-factor", type=float, default=0.0, help="also train scratch on this x the budget (0: skip)"
+    )
     experiment.add_argument("--report-only", action="store_true", help="rewrite JSON/plots, train nothing")
     _add_common(experiment)
     experiment.set_defaults(handler=handle_experiment)

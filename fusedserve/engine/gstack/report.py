@@ -1,9 +1,12 @@
 """Turn the experiment's training logs into curves, the Gstack speed-up, a JSON record and plots.
 
-Speed-up (Du et al.): sp = F_scratch / F_gstack - 1, where F_gstack is Gstack's total FLOPs (base phase
-included) and F_scratch the FLOPs the from-scratch model needs to reach Gstack's final held-out loss, read off
-the scratch held-out curve(s) by linear interpolation between evaluations. If no scratch curve reaches that
-loss, sp is only a lower bound (longest scratch run's FLOPs / F_gstack - 1) and is flagged so.
+Speed-up sp = F_scratch / F_gstack - 1 at equal held-out loss, read two ways (losses interpolated linearly
+between evaluations; F_gstack counts the base phase):
+- at scratch's loss (`speedup_at_scratch_loss`, Du et al.'s reading: the scratch model trained on its whole
+  budget, and the FLOPs Gstack needs to reach the loss it ends at). If Gstack never gets there, sp computed from
+  Gstack's final FLOPs is only an upper bound.
+- at Gstack's loss (`compute_speedup`): the FLOPs scratch (or a longer scratch run) needs to reach Gstack's final
+  loss. If no scratch curve gets there, sp from the longest scratch run is only a lower bound.
 This module never trains.
 """
 
@@ -24,10 +27,10 @@ class CurvePoint:
 @dataclass(frozen=True)
 class Speedup:
     speedup: float
-    lower_bound: bool  # True: scratch never reached the target loss, the true sp is at least `speedup`
+    bound: str  # "exact"; "lower": the true sp is at least `speedup`; "upper": at most `speedup`
     target_loss: float
-    gstack_flops: float
-    scratch_flops_to_target: float | None
+    gstack_flops: float | None  # Gstack's FLOPs at the target loss (None: never reached)
+    scratch_flops: float | None  # scratch's FLOPs at the target loss (None: never reached)
 
 
 def read_curve(run_dir: Path, flops_offset: float = 0.0, tokens_offset: int = 0) -> list[CurvePoint]:
@@ -56,13 +59,23 @@ def flops_to_reach(curve: list[CurvePoint], target: float) -> float | None:
 
 
 def compute_speedup(gstack: list[CurvePoint], scratch_curves: list[list[CurvePoint]]) -> Speedup:
+    """sp at Gstack's final loss: the cheapest scratch curve's FLOPs to get there over Gstack's FLOPs."""
     target, gstack_flops = gstack[-1].heldout_loss, gstack[-1].flops
     reached = [f for f in (flops_to_reach(c, target) for c in scratch_curves if c) if f is not None]
     if reached:
         needed = min(reached)
-        return Speedup(needed / gstack_flops - 1.0, False, target, gstack_flops, needed)
+        return Speedup(needed / gstack_flops - 1.0, "exact", target, gstack_flops, needed)
     longest = max(c[-1].flops for c in scratch_curves if c)
-    return Speedup(longest / gstack_flops - 1.0, True, target, gstack_flops, None)
+    return Speedup(longest / gstack_flops - 1.0, "lower", target, gstack_flops, None)
+
+
+def speedup_at_scratch_loss(gstack: list[CurvePoint], scratch: list[CurvePoint]) -> Speedup:
+    """sp at scratch's final loss: scratch's whole budget over the FLOPs Gstack needs to reach that loss."""
+    target, scratch_flops = scratch[-1].heldout_loss, scratch[-1].flops
+    needed = flops_to_reach(gstack, target)
+    if needed is None:  # Gstack ends above scratch: it would need more than all its FLOPs
+        return Speedup(scratch_flops / gstack[-1].flops - 1.0, "upper", target, None, scratch_flops)
+    return Speedup(scratch_flops / needed - 1.0, "exact", target, needed, scratch_flops)
 
 
 def curve_json(curve: list[CurvePoint]) -> list[dict]:
