@@ -2,8 +2,11 @@
 
 For each server and each concurrency (default 1, 8, 32) it streams completions with a fixed output length
 (ignore_eos + min_tokens) from real-text prompts of about 120 tokens, and reports requests/s, output tokens/s and
-TTFT / inter-token latency p50 and p99. Everything in one run, side by side, because this machine is shared and
-noisy. Writes docs/results/serve_bench.json (top-level "summary") and a PNG, and prints a table.
+TTFT / inter-token latency p50 and p99. The same workload also runs on the engine alone ("engine-only", see
+engine_replay.py), which splits any gap into engine cost and serving cost. Everything in one run, side by side,
+because this machine is shared and noisy; the machine's own speed is measured before and after
+(machine_speed.py) so absolute numbers can be read against another day's. Writes docs/results/serve_bench.json
+(top-level "summary") and a PNG, and prints a table.
 
     python benchmarks/serve_bench.py                       # fusedserve + the transformers baseline
     python benchmarks/serve_bench.py --base-url URL --model NAME --no-fusedserve --no-baseline
@@ -21,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from engine_replay import replay  # noqa: E402
+from machine_speed import BRIEF_REFERENCE, measure_machine  # noqa: E402
 from server_process import running_server  # noqa: E402
 
 from fusedserve.clients.loadgen import LoadResult, run_load  # noqa: E402
@@ -97,6 +102,7 @@ def main() -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name for --base-url")
     parser.add_argument("--no-fusedserve", action="store_true")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-engine-only", action="store_true", help="skip the engine-alone replay")
     parser.add_argument(
         "--baseline-concurrency", type=int, nargs="+", default=[1, 8],
         help="the baseline serves one request at a time, so higher levels only lengthen its queue",
@@ -110,10 +116,19 @@ def main() -> int:
     logs = Path("runs") / "serve_bench"
     results: list[LoadResult] = []
     threads = ["--threads", str(args.threads)] if args.threads else []
+    machine_before = measure_machine(args.threads)
+    print(f"machine now: {machine_before.as_dict()} (brief: {BRIEF_REFERENCE})", flush=True)
     if not args.no_fusedserve:
         command = ["-m", "fusedserve.cli", "serve", "--max-model-len", "2048", *threads, *args.serve_args]
         with running_server(command, logs / "fusedserve.log") as url:
             results += sweep(url, DEFAULT_MODEL_NAME, "fusedserve", args.concurrency, args.max_tokens, args.waves)
+        if not args.no_engine_only and not args.serve_args:  # extra serve flags have no engine-only twin
+            for concurrency in args.concurrency:
+                prompts = real_text_prompts(max(4, concurrency * args.waves))
+                result = replay(model_dir, prompts, concurrency, args.max_tokens, args.threads)
+                print(f"  {result.label:12s} c={concurrency:3d}  {result.output_tokens_per_s:7.1f} tok/s  "
+                      f"TTFT p50 {result.ttft_p50:.2f}s", flush=True)
+                results.append(result)
     if not args.no_baseline:
         command = [str(Path(__file__).with_name("hf_baseline_server.py")), "--model", str(model_dir), *threads]
         with running_server(command, logs / "hf_baseline.log") as url:
@@ -121,18 +136,24 @@ def main() -> int:
     if args.base_url:
         results += sweep(args.base_url, args.model, "external", args.concurrency, args.max_tokens, args.waves)
 
+    machine_after = measure_machine(args.threads)
     print_table(results)
+    print(f"machine before: {machine_before.as_dict()}\nmachine after:  {machine_after.as_dict()}")
     summary = {}
     for r in results:
         key = r.label.replace("-", "_")
         summary[f"{key}_tok_s_c{r.concurrency}"] = round(r.output_tokens_per_s, 2)
         summary[f"{key}_ttft_p50_c{r.concurrency}"] = round(r.ttft_p50, 4)
+    bf16_speeds = (machine_before.bf16_matmul_tflops, machine_after.bf16_matmul_tflops)
+    summary["machine_bf16_tflops"] = round(sum(bf16_speeds) / 2, 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "summary": summary,
         "settings": {"threads": args.threads,
                      "concurrency": args.concurrency, "max_tokens": args.max_tokens, "prompt_chars": PROMPT_CHARS,
                      "serve_args": args.serve_args},
+        "machine": {"before": machine_before.as_dict(), "after": machine_after.as_dict(),
+                    "brief_reference": BRIEF_REFERENCE},
         "results": [r.as_dict() for r in results],
     }, indent=2))
     plot(results, args.out.with_suffix(".png"))
