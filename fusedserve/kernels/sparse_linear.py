@@ -111,6 +111,10 @@ class TopKSparseLinear:
         self.k = max(0, min(int(k), self.in_features))
         self.bias = bias
         self.dense = dense if dense is not None else DenseLinear(weight, bias)
+        # Rows from which the model may hand this layer bf16 activations (a mixed-precision model's large
+        # steps, see model/llama.py): the dense path's own threshold. The sparse kernels read fp32, so the
+        # sparse path converts the few rows it takes (at most SPARSE_MAX_ROWS) and returns the input's dtype.
+        self.bf16_min_rows: int | None = getattr(self.dense, "bf16_min_rows", None)
         self.backend, self._ext = resolve_backend(backend, weight)
         self.stats = SparseLinearStats()
         self._union_table = union_table if union_table is not None else MAX_UNION_FRACTION_CPP
@@ -135,24 +139,28 @@ class TopKSparseLinear:
             fraction = max_union_fraction(self._union_table, rows) if rows <= SPARSE_MAX_ROWS else 0.0
             # Where the union will surely exceed the limit, sparse cannot pay: skip the selection altogether.
             if expected_union(self.k, self.in_features, rows) <= fraction:
-                out, used_sparse = self._ext.topk_sparse_linear(x, self.weight_tiles, self.bias, self.k, fraction)
+                xf = x.float()
+                out, used_sparse = self._ext.topk_sparse_linear(xf, self.weight_tiles, self.bias, self.k, fraction)
                 if used_sparse:
                     self._count(True)
-                    return out
+                    return out.to(x.dtype)
                 if self.mask_dense_path:
                     self._count(False)
-                    return self.dense(out)  # the extension hands back TopK_k(x) when it declines
+                    return self.dense(out.to(x.dtype))  # the extension hands back TopK_k(x) when it declines
             return self._dense_path(x, self._ext.topk_mask)
         if rows == 1 and self.k <= MAX_KEPT_FRACTION_TORCH * self.in_features:
             self._count(True)
-            index = x.abs().topk(self.k, dim=-1, sorted=False).indices
-            y = F.embedding_bag(index, self.weight_t, per_sample_weights=x.gather(-1, index), mode="sum")
-            return y if self.bias is None else y + self.bias
+            xf = x.float()
+            index = xf.abs().topk(self.k, dim=-1, sorted=False).indices
+            y = F.embedding_bag(index, self.weight_t, per_sample_weights=xf.gather(-1, index), mode="sum")
+            return (y if self.bias is None else y + self.bias).to(x.dtype)
         return self._dense_path(x, topk_mask)
 
     def _dense_path(self, x: torch.Tensor, mask: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         self._count(False)
-        return self.dense(mask(x, self.k) if self.mask_dense_path else x)
+        if self.mask_dense_path:
+            x = mask(x.float(), self.k).to(x.dtype)
+        return self.dense(x)
 
     def _count(self, used_sparse: bool) -> None:
         if used_sparse:

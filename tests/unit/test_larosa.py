@@ -28,7 +28,7 @@ from fusedserve.engine.larosa.sparsity import SPARSE_MODULES, module_shapes
 from fusedserve.engine.manifest import read_manifest, update_manifest
 from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.llama import LlamaModel, rms_norm
-from fusedserve.engine.model.loader import load_llama, read_state_dict
+from fusedserve.engine.model.loader import dense_linear_factory, load_llama, read_state_dict
 from fusedserve.kernels.attention import SlotBatch
 from fusedserve.kernels.sparse_linear import TopKSparseLinear
 
@@ -177,6 +177,22 @@ def test_folder_with_one_level_per_module_kind_still_loads_and_serves(tmp_path: 
     assert {layer.o_proj.k for layer in sparse.layers} == {32}
     assert {layer.down_proj.k for layer in sparse.layers} == {64}
     run_window(sparse, torch.arange(20))
+
+
+def test_larosa_model_computes_large_steps_in_bf16_like_the_dense_model(tmp_path: Path) -> None:
+    """Mixed precision applies to a LaRoSA model too: bf16 blocks and a bf16 KV cache from 8 tokens on."""
+    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
+    out = save_rotated(source, tmp_path / "rotated", random_rotations(3, 64), torch.float32)
+    levels = {"qkv_proj": 0.25, "o_proj": 0.5, "gate_up_proj": 0.25, "down_proj": 0.5}
+    update_manifest(out, "larosa", {"version": 1, "sparsity": 0.4, "plan": {"target": 0.4, "module_sparsity": levels}})
+    mixed = load_llama(out, make_linear=larosa_linear_factory(out))
+    assert mixed.kv_dtype == torch.bfloat16
+    assert mixed.compute_dtype(16) == torch.bfloat16 and mixed.compute_dtype(1) == torch.float32
+    exact = load_llama(out, make_linear=larosa_linear_factory(out, dense=dense_linear_factory))
+    assert exact.kv_dtype == torch.float32 and exact.compute_dtype(16) == torch.float32
+    ids = torch.arange(24)  # one 24-token prefill: the dense path, in bf16 for the mixed model
+    expected = logits_of(exact, ids)
+    torch.testing.assert_close(logits_of(mixed, ids), expected, rtol=0, atol=0.05 * expected.abs().max().item())
 
 
 def test_layer_replay_rebuilds_the_residual_stream_and_errors_grow_with_sparsity(tmp_path: Path) -> None:

@@ -121,3 +121,24 @@ def test_expected_union_is_k_for_one_row_and_grows_with_rows() -> None:
     assert expected_union(288, 576, 1) == pytest.approx(0.5)
     assert expected_union(288, 576, 4) == pytest.approx(0.75)  # two independent rows
     assert expected_union(288, 576, 16) > 0.99
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bf16_activations_take_either_path_and_come_back_bf16(backend: str) -> None:
+    """A mixed-precision model hands large steps over in bf16; sparse or dense, the layer answers in bf16."""
+    if backend == "cpp" and load_sparse_linear_extension() is None:
+        pytest.skip("C++ extension unavailable")
+    weight, bias = make()
+    rows = 1 if backend == "torch" else 8
+    layer = TopKSparseLinear(weight, bias, 40, backend=backend, union_table={16: 2.0})
+    assert layer.bf16_min_rows == layer.dense.bf16_min_rows == 8  # the dense path's threshold, reported
+    # Distinct magnitudes that bf16 holds exactly (n / 64, n <= 160): no ties for the top-k to break differently.
+    gen = torch.Generator().manual_seed(5)
+    magnitudes = torch.stack([torch.randperm(160, generator=gen) + 1 for _ in range(rows)]) / 64
+    x = magnitudes * (torch.randint(0, 2, (rows, 160), generator=gen) * 2 - 1)
+    sparse = layer(x.bfloat16())
+    assert sparse.dtype == torch.bfloat16 and layer.stats.sparse_calls == 1
+    expected = reference(x, weight, bias, 40)
+    torch.testing.assert_close(sparse.double(), expected, rtol=2e-2, atol=5e-2)
+    dense = layer(torch.randn(32, 160).bfloat16())  # too many rows for the sparse path
+    assert dense.dtype == torch.bfloat16 and layer.stats.dense_calls == 1

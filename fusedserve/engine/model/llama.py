@@ -114,7 +114,7 @@ class LlamaModel:
 def _shared_bf16_threshold(layers: list[DecoderLayer]) -> int | None:
     """The row count from which every linear computes in bf16, or None where any linear never does (or they differ).
 
-    Layers without a `bf16_min_rows` attribute (LaRoSA's sparse ones) keep the whole model on its weights' dtype.
+    LaRoSA's sparse layers report their dense path's threshold, so a LaRoSA model computes like the dense one.
     """
     linears = [
         linear for layer in layers for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
