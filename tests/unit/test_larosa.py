@@ -168,11 +168,17 @@ def test_greedy_calibration_writes_per_layer_plan_at_the_target_and_serves_it(tm
     assert larosa_plan(out, allocation="fixed-ratio").layer_sparsity == ()
 
 
-def test_folder_with_one_level_per_module_kind_still_loads_and_serves(tmp_path: Path) -> None:
+def rotated_folder_with_module_levels(tmp_path: Path) -> Path:
+    """A rotated tiny fp32 Llama whose manifest plans one sparsity level per module kind (the version-1 format)."""
     source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
-    out = save_rotated(source, tmp_path / "old", random_rotations(3, 64), torch.float32)
+    out = save_rotated(source, tmp_path / "rotated", random_rotations(3, 64), torch.float32)
     levels = {"qkv_proj": 0.25, "o_proj": 0.5, "gate_up_proj": 0.25, "down_proj": 0.5}
     update_manifest(out, "larosa", {"version": 1, "sparsity": 0.4, "plan": {"target": 0.4, "module_sparsity": levels}})
+    return out
+
+
+def test_folder_with_one_level_per_module_kind_still_loads_and_serves(tmp_path: Path) -> None:
+    out = rotated_folder_with_module_levels(tmp_path)
     sparse = load_llama(out, make_linear=larosa_linear_factory(out))
     assert {layer.o_proj.k for layer in sparse.layers} == {32}
     assert {layer.down_proj.k for layer in sparse.layers} == {64}
@@ -181,10 +187,7 @@ def test_folder_with_one_level_per_module_kind_still_loads_and_serves(tmp_path: 
 
 def test_larosa_model_computes_large_steps_in_bf16_like_the_dense_model(tmp_path: Path) -> None:
     """Mixed precision applies to a LaRoSA model too: bf16 blocks and a bf16 KV cache from 8 tokens on."""
-    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
-    out = save_rotated(source, tmp_path / "rotated", random_rotations(3, 64), torch.float32)
-    levels = {"qkv_proj": 0.25, "o_proj": 0.5, "gate_up_proj": 0.25, "down_proj": 0.5}
-    update_manifest(out, "larosa", {"version": 1, "sparsity": 0.4, "plan": {"target": 0.4, "module_sparsity": levels}})
+    out = rotated_folder_with_module_levels(tmp_path)
     mixed = load_llama(out, make_linear=larosa_linear_factory(out))
     assert mixed.kv_dtype == torch.bfloat16
     assert mixed.compute_dtype(16) == torch.bfloat16 and mixed.compute_dtype(1) == torch.float32
