@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fusedserve.engine.larosa.calibrate import CalibrationConfig, build_larosa_model
 from fusedserve.engine.larosa.corpus import PYTHON_DOCS, corpus_windows
+from fusedserve.engine.larosa.dense_twin import attach_dense_twin
 from fusedserve.engine.larosa.runtime import layer_index, module_kind, plan_for, sparse_linear_factory
 from fusedserve.engine.larosa.sparsity import FIXED_RATIO, GREEDY
 from fusedserve.engine.model.default_model import cache_root, ensure_default_model
@@ -128,8 +129,11 @@ def speed(dense_dir: Path, larosa_dir: Path, plan: list[tuple[int, list[int]]], 
     largest = max(b for _, sizes in plan for b in sizes)
 
     def load(d: Path, s: float) -> LlamaModel:
+        """As served (llm_engine.load_model_for_engine): sparse layers plus the dense twin for large steps."""
         factory = factory_for(d, s, mixed, allocation=args.speed_allocation)
-        return load_llama(d, max_positions=args.context + 1, make_linear=factory)
+        model = load_llama(d, max_positions=args.context + 1, make_linear=factory)
+        attach_dense_twin(model, mixed)
+        return model
 
     benches = {name: DecodeBench(load(d, s), [largest], args.context) for name, (d, s) in configs.items()}
     results: dict[str, dict] = {}

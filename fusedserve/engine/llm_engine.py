@@ -61,14 +61,16 @@ def load_model_for_engine(
     model_dir: Path, dtype: str, max_positions: int, device: torch.device | str = "cpu"
 ) -> LlamaModel:
     """Load the model onto `device`, switching on the runtime side of each technique its manifest names."""
-    make_linear = mixed_precision_linear_factory if dtype == "auto" else dense_linear_factory
-    if "larosa" in read_manifest(model_dir):
-        from fusedserve.engine.larosa.runtime import larosa_linear_factory
+    make_dense = mixed_precision_linear_factory if dtype == "auto" else dense_linear_factory
+    if "larosa" not in read_manifest(model_dir):
+        return load_llama(model_dir, DTYPES[dtype], max_positions, make_linear=make_dense, device=device)
+    from fusedserve.engine.larosa.dense_twin import attach_dense_twin
+    from fusedserve.engine.larosa.runtime import larosa_linear_factory
 
-        make_linear = larosa_linear_factory(model_dir, dense=make_linear) or make_linear
-    return load_llama(
-        model_dir, dtype=DTYPES[dtype], max_positions=max_positions, make_linear=make_linear, device=device
-    )
+    make_linear = larosa_linear_factory(model_dir, dense=make_dense) or make_dense
+    model = load_llama(model_dir, DTYPES[dtype], max_positions, make_linear=make_linear, device=device)
+    attach_dense_twin(model, make_dense)  # large steps skip the per-layer residual adapters
+    return model
 
 
 class LLMEngine:
@@ -215,8 +217,9 @@ class LLMEngine:
             if not ok:
                 self.fail_request(requests[i], "the model produced non-finite logits for this request")
         try:
-            for i, result in zip(healthy, self.runner.sample([requests[i] for i in healthy], logits[healthy]),
-                                 strict=True):
+            for i, result in zip(
+                healthy, self.runner.sample([requests[i] for i in healthy], logits[healthy]), strict=True
+            ):
                 results[i] = result
         except Exception:  # find the request that breaks the sampler, keep the others
             log.exception("sampling failed for a batch; retrying request by request")

@@ -18,7 +18,6 @@ This module never changes weights and never decides sparsity levels (engine/laro
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -110,6 +109,7 @@ class TopKSparseLinear:
         self.out_features, self.in_features = weight.shape
         self.k = max(0, min(int(k), self.in_features))
         self.bias = bias
+        self.device = weight.device
         self.dense = dense if dense is not None else DenseLinear(weight, bias)
         # Rows from which the model may hand this layer bf16 activations (a mixed-precision model's large
         # steps, see model/llama.py): the dense path's own threshold. The sparse kernels read fp32, so the
@@ -125,40 +125,48 @@ class TopKSparseLinear:
         else:
             self.weight_t = weight.t().contiguous()  # [in, out]: kept channel i is row i
 
+    def may_take_sparse_path(self, rows: int) -> bool:
+        """Whether a call with `rows` tokens may compute sparsely; False means it surely takes the dense path
+        (the model hands such steps to its dense twin, engine/larosa/dense_twin.py)."""
+        if self.device.type == "cuda":
+            from fusedserve.kernels.gpu.sparse_gemv import use_sparse_gemv
+
+            return use_sparse_gemv(rows, self.k, self.in_features)
+        if self._ext is not None:
+            # Where the union will surely exceed the break-even limit, sparse cannot pay: skip the selection.
+            fraction = max_union_fraction(self._union_table, rows) if rows <= SPARSE_MAX_ROWS else 0.0
+            return expected_union(self.k, self.in_features, rows) <= fraction
+        return rows == 1 and self.k <= MAX_KEPT_FRACTION_TORCH * self.in_features
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if not self.may_take_sparse_path(rows):
+            return self._dense_path(x)
         if x.device.type == "cuda":
-            from fusedserve.kernels.gpu.sparse_gemv import topk_sparse_gemv, use_sparse_gemv
+            from fusedserve.kernels.gpu.sparse_gemv import topk_sparse_gemv
 
-            sparse = use_sparse_gemv(rows, self.k, self.in_features)
-            if sparse:
-                self._count(True)
-                return topk_sparse_gemv(x, self.weight_t, self.bias, self.k)
-            return self._dense_path(x, topk_mask)
-        if self._ext is not None:
-            fraction = max_union_fraction(self._union_table, rows) if rows <= SPARSE_MAX_ROWS else 0.0
-            # Where the union will surely exceed the limit, sparse cannot pay: skip the selection altogether.
-            if expected_union(self.k, self.in_features, rows) <= fraction:
-                xf = x.float()
-                out, used_sparse = self._ext.topk_sparse_linear(xf, self.weight_tiles, self.bias, self.k, fraction)
-                if used_sparse:
-                    self._count(True)
-                    return out.to(x.dtype)
-                if self.mask_dense_path:
-                    self._count(False)
-                    return self.dense(out.to(x.dtype))  # the extension hands back TopK_k(x) when it declines
-            return self._dense_path(x, self._ext.topk_mask)
-        if rows == 1 and self.k <= MAX_KEPT_FRACTION_TORCH * self.in_features:
             self._count(True)
-            xf = x.float()
-            index = xf.abs().topk(self.k, dim=-1, sorted=False).indices
-            y = F.embedding_bag(index, self.weight_t, per_sample_weights=xf.gather(-1, index), mode="sum")
-            return (y if self.bias is None else y + self.bias).to(x.dtype)
-        return self._dense_path(x, topk_mask)
+            return topk_sparse_gemv(x, self.weight_t, self.bias, self.k)
+        if self._ext is not None:
+            fraction = max_union_fraction(self._union_table, rows)
+            out, used_sparse = self._ext.topk_sparse_linear(x.float(), self.weight_tiles, self.bias, self.k, fraction)
+            if used_sparse:
+                self._count(True)
+                return out.to(x.dtype)
+            if self.mask_dense_path:
+                self._count(False)
+                return self.dense(out.to(x.dtype))  # the extension hands back TopK_k(x) when it declines
+            return self._dense_path(x)
+        self._count(True)
+        xf = x.float()
+        index = xf.abs().topk(self.k, dim=-1, sorted=False).indices
+        y = F.embedding_bag(index, self.weight_t, per_sample_weights=xf.gather(-1, index), mode="sum")
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
-    def _dense_path(self, x: torch.Tensor, mask: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    def _dense_path(self, x: torch.Tensor) -> torch.Tensor:
         self._count(False)
         if self.mask_dense_path:
+            mask = self._ext.topk_mask if self._ext is not None else topk_mask
             x = mask(x.float(), self.k).to(x.dtype)
         return self.dense(x)
 

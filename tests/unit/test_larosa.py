@@ -16,7 +16,8 @@ from fusedserve.engine.larosa.calibrate import (
     fp32_dense_factory,
     run_window,
 )
-from fusedserve.engine.larosa.runtime import larosa_linear_factory, larosa_plan
+from fusedserve.engine.larosa.dense_twin import attach_dense_twin
+from fusedserve.engine.larosa.runtime import larosa_linear_factory, larosa_plan, sparse_linear_factory
 from fusedserve.engine.larosa.sensitivity import (
     SENSITIVITY_FILE,
     LayerReplay,
@@ -25,12 +26,13 @@ from fusedserve.engine.larosa.sensitivity import (
     probe_factory,
 )
 from fusedserve.engine.larosa.sparsity import SPARSE_MODULES, module_shapes
+from fusedserve.engine.llm_engine import load_model_for_engine
 from fusedserve.engine.manifest import read_manifest, update_manifest
 from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.llama import LlamaModel, rms_norm
 from fusedserve.engine.model.loader import dense_linear_factory, load_llama, read_state_dict
 from fusedserve.kernels.attention import SlotBatch
-from fusedserve.kernels.sparse_linear import TopKSparseLinear
+from fusedserve.kernels.sparse_linear import SPARSE_MAX_ROWS, TopKSparseLinear
 
 torch.set_num_threads(1)
 
@@ -196,6 +198,57 @@ def test_larosa_model_computes_large_steps_in_bf16_like_the_dense_model(tmp_path
     ids = torch.arange(24)  # one 24-token prefill: the dense path, in bf16 for the mixed model
     expected = logits_of(exact, ids)
     torch.testing.assert_close(logits_of(mixed, ids), expected, rtol=0, atol=0.05 * expected.abs().max().item())
+
+
+def step_with_caches(model: LlamaModel, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and the keys written by one prefill step of `ids` into fresh caches."""
+    arch, n = model.arch, ids.shape[0]
+    keys = [torch.zeros(1, n, arch.num_kv_heads, arch.head_dim, dtype=model.kv_dtype) for _ in model.layers]
+    values = [torch.zeros_like(k) for k in keys]
+    hidden = model.forward(ids, SlotBatch.build([0], [n], [n]), keys, values)
+    return model.lm_head(hidden), keys
+
+
+def sparse_layer_calls(model: LlamaModel) -> int:
+    layers = [m for layer in model.layers for m in vars(layer).values() if isinstance(m, TopKSparseLinear)]
+    return sum(layer.stats.sparse_calls + layer.stats.dense_calls for layer in layers)
+
+
+def test_dense_twin_takes_large_steps_without_adapters_and_computes_the_same_logits_and_keys(tmp_path: Path) -> None:
+    out = rotated_folder_with_module_levels(tmp_path)
+    model = load_llama(out, make_linear=larosa_linear_factory(out, dense=dense_linear_factory))
+    expected_logits, expected_keys = step_with_caches(model, torch.arange(24))  # the layers' own dense paths
+    assert attach_dense_twin(model, dense_linear_factory)
+    twin = model.dense_twin
+    assert 1 < twin.from_tokens <= SPARSE_MAX_ROWS + 1  # one token may go sparse; 17 never does
+    assert all(layer.residual_adapter is None for layer in twin.model.layers)
+    calls_before = sparse_layer_calls(model)
+    logits, keys = step_with_caches(model, torch.arange(24))
+    assert sparse_layer_calls(model) == calls_before, "a 24-token step runs on the twin alone"
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=1e-4)
+    for got, expected in zip(keys, expected_keys, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    step_with_caches(model, torch.arange(1))
+    assert sparse_layer_calls(model) > calls_before, "a one-token step runs the sparse layers"
+
+
+def test_dense_twin_is_refused_where_it_would_compute_something_else_or_save_nothing(tmp_path: Path) -> None:
+    out = rotated_folder_with_module_levels(tmp_path)
+    plan = larosa_plan(out)
+    masked = load_llama(out, make_linear=sparse_linear_factory(plan, dense_linear_factory, mask_dense_path=True))
+    assert not attach_dense_twin(masked, dense_linear_factory) and masked.dense_twin is None
+    unrotated = load_llama(tmp_path / "dense", make_linear=sparse_linear_factory(plan, dense_linear_factory))
+    assert not attach_dense_twin(unrotated, dense_linear_factory) and unrotated.dense_twin is None
+
+
+def test_engine_serves_a_larosa_folder_with_a_mixed_precision_dense_twin(tmp_path: Path) -> None:
+    out = rotated_folder_with_module_levels(tmp_path)
+    model = load_model_for_engine(out, "auto", max_positions=64)
+    assert model.dense_twin is not None and model.dense_twin.model.kv_dtype == model.kv_dtype == torch.bfloat16
+    exact = load_llama(out, make_linear=dense_linear_factory)
+    expected, _ = step_with_caches(exact, torch.arange(24))
+    got, _ = step_with_caches(model, torch.arange(24))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.05 * expected.abs().max().item())
 
 
 def test_layer_replay_rebuilds_the_residual_stream_and_errors_grow_with_sparsity(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 It never decides what runs (the scheduler does) and never allocates KV memory (the KV cache does). Linear layers
 come in through `kernels.linear.Linear`, so LaRoSA's sparse layers replace dense ones without touching this file;
-LaRoSA's residual adapters (one d x d matrix per layer) are applied to the residual stream before their layer.
+LaRoSA's residual adapters (one d x d matrix per layer) are applied to the residual stream before their layer,
+and a LaRoSA model may carry a `DenseTwin` (engine/larosa/dense_twin.py) that it hands its large steps to.
 
 Mixed precision (`--dtype auto` on a CPU): when every linear keeps a bf16 copy of its fp32 weights, a step with
 enough tokens runs its blocks in bf16 — the normalised input is cast once, q/k/v, attention, the MLP and the
@@ -39,6 +40,15 @@ class DecoderLayer:
     residual_adapter: torch.Tensor | None = None  # [d, d]: h <- h @ A before this layer (LaRoSA)
 
 
+@dataclass
+class DenseTwin:
+    """An equivalent model without per-layer residual bases that computes this one's steps of many tokens."""
+
+    model: LlamaModel
+    from_tokens: int  # steps of at least this many tokens go to the twin
+    to_final_basis: torch.Tensor  # [d, d]: the twin's final hidden states -> this model's final basis
+
+
 class LlamaModel:
     def __init__(
         self,
@@ -61,6 +71,7 @@ class LlamaModel:
         self._bf16_from_rows = _shared_bf16_threshold(layers)
         # The KV cache's dtype, for whoever allocates it: bf16 for a mixed-precision model (see the module doc).
         self.kv_dtype = torch.bfloat16 if self._bf16_from_rows is not None else embed_tokens.dtype
+        self.dense_twin: DenseTwin | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -80,6 +91,9 @@ class LlamaModel:
         value_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         """Hidden states [T, d] after the final norm, for the flat batch of new tokens described by `batch`."""
+        twin = self.dense_twin
+        if twin is not None and input_ids.shape[0] >= twin.from_tokens:
+            return twin.model.forward(input_ids, batch, key_caches, value_caches) @ twin.to_final_basis
         arch = self.arch
         compute_dtype = self.compute_dtype(input_ids.shape[0])
         hidden = F.embedding(input_ids, self.embed_tokens)
