@@ -177,7 +177,7 @@ def main() -> None:
         "static": run(model, tokenizer, model_dir, "static", budget, args.max_num_seqs, mix),
         "vattention": run(model, tokenizer, model_dir, "vattention", budget, args.max_num_seqs, mix),
     }
-    # Different batch sizes: dtype "auto" multiplies batches of 8+ rows in bf16, so greedy tokens may differ here;
+    # Different batch sizes: dtype "auto" computes in bf16, rounding by batch, so greedy tokens may differ here;
     # the equal-batch runs below must agree exactly.
     same_tokens = results["static"].pop("tokens") == results["vattention"].pop("tokens")
     equal = equal_batch(model, tokenizer, model_dir, budget, args.static_slots, mix[: args.equal_batch_requests])
@@ -222,7 +222,7 @@ def main() -> None:
         "equal_batch": equal,
         "notes": "static's physical bytes are its full reservation (what a GPU allocates); on a CPU the OS "
         "would commit only touched pages of torch.empty, but never give them back. Same-budget runs batch "
-        "differently, and dtype auto multiplies batches of 8+ rows in bf16, so their greedy tokens may differ; "
+        "differently, and dtype auto computes in bf16 (rounding by batch), so greedy tokens may differ; "
         "the equal-batch runs compare tokens exactly.",
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
     }

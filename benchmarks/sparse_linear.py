@@ -2,9 +2,10 @@
 
 For SmolLM2-135M's four sparsified shapes, 30 copies each (one per layer, so weights stream from memory as in a
 real decode step), time per batch size B and union fraction f:
-- cpp: the C++ kernel's sparse path (union of kept channels = f of the inputs, forced);
+- cpp: the C++ kernel's sparse path with bf16 tiles, as a mixed-precision model serves it (union of kept
+  channels = f of the inputs, forced);
 - torch: the pure-torch path (F.embedding_bag over W^T, reads k rows per token) for B = 1;
-- dense: the engine's dense layer (DenseLinear: fp32 below 8 rows, bf16 AMX from 8) on the masked input.
+- dense: the engine's dense layer (DenseLinear with its default mixed precision) on the masked input.
 Variants are interleaved round by round; ratios are medians of per-round ratios. The break-even fraction per
 B (largest f where cpp is not slower than dense, extrapolated linearly above 1.0 and capped at 1.0) is what
 kernels/sparse_linear.MAX_UNION_FRACTION_CPP holds. Writes docs/results/sparse_linear.json; asserts nothing.
@@ -49,7 +50,7 @@ def measure(batch: int, fraction: float, copies: int, rounds: int, gen: torch.Ge
         x, k = inputs_with_union(batch, in_features, fraction, gen)
         for _ in range(copies):
             weight = torch.randn(out_features, in_features, generator=gen)
-            cpp = TopKSparseLinear(weight, None, k, backend="cpp", union_table={16: 2.0})
+            cpp = TopKSparseLinear(weight, None, k, backend="cpp", union_table={16: 2.0}, tile_dtype=torch.bfloat16)
             torch_layer = TopKSparseLinear(weight, None, k, backend="torch")
             layers.append((x, cpp, torch_layer, DenseLinear(weight)))
     samples: dict[str, list[float]] = {name: [] for name in calls}
@@ -103,7 +104,14 @@ def main() -> None:
                                                "break_even_union": break_even(rows)}
     print("break-even union fraction: " + ", ".join(f"{k} {v['break_even_union']:.2f}" for k, v in results.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"shapes_in_out": SHAPES, "copies": args.copies, "results": results}, indent=2))
+    # The table kernels/sparse_linear.py holds: per batch size, the lower of the thread counts' break-even points.
+    batches = sorted({int(key.split("_b")[1]) for key in results})
+    summary = {
+        f"break_even_union_b{b}": min(v["break_even_union"] for k, v in results.items() if k.endswith(f"_b{b}"))
+        for b in batches
+    }
+    report = {"summary": summary, "shapes_in_out": SHAPES, "copies": args.copies, "results": results}
+    args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 

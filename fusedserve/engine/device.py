@@ -62,8 +62,8 @@ def resolve_device(requested: str | torch.device, cuda_devices: int | None = Non
 def resolve_dtype(dtype: str | None, device: torch.device) -> str:
     """The engine dtype name (llm_engine.DTYPES) for a device: unchanged on the CPU, bf16 for auto on CUDA.
 
-    None means the device's default: auto on the CPU (fp32 weights, bf16 AMX compute for batches of 8+ rows,
-    measured ~3x faster there), bfloat16 on CUDA.
+    None means the device's default: auto on the CPU (fp32 weights, bf16 AMX compute from BF16_MIN_ROWS rows,
+    measured faster), bfloat16 on CUDA.
     On CUDA "auto" is bfloat16 too: the CPU's auto (fp32 weights, bf16 copies for large batches on AMX) is a CPU
     speed policy with no counterpart on a GPU, where bf16 weights and compute are the fast path.
     """

@@ -34,7 +34,7 @@ from fusedserve.engine.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 # --dtype choices: the weights' storage dtype and how linears compute.
-#   auto      fp32 weights; batches of BF16_MIN_ROWS+ rows run in bf16 on AMX (measured faster), smaller in fp32;
+#   auto      fp32 weights; batches of BF16_MIN_ROWS+ rows (1: all) run in bf16 on AMX (measured faster);
 #             the KV cache is bf16
 #   float32   fp32 everywhere (bit-for-bit comparable with transformers in fp32; outputs independent of batching)
 #   bfloat16  bf16 weights and compute

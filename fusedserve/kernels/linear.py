@@ -1,10 +1,12 @@
 """Linear layers the model calls through one small interface: `y = layer(x)` with x [T, in] and y [T, out].
 
 The dense layer picks its compute dtype per call by the batch's token count: on this class of CPU a bf16 matrix
-multiply runs on AMX and is several times faster than fp32 once there are enough rows, while a bf16
-matrix-vector product (decode at small batch) is slower than fp32 — so small batches use the fp32 weights and
-large ones a bf16 copy. A bf16 input always uses the bf16 copy and returns bf16: the model hands large batches
-over in bf16 already (one cast per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
+multiply runs on AMX and is several times faster than fp32 once there are enough rows. From cache a bf16
+matrix-vector product is slower than fp32, but a decode step streams its weights from memory, where bf16's half
+the bytes wins: measured over whole decode steps, bf16 is faster from batch 1 (x1.1-1.2) and about x2 at batch 4,
+where fp32 sgemm is at its worst. BF16_MIN_ROWS keeps the switch point a measured constant. A bf16 input
+always uses the bf16 copy and returns bf16: the model hands its blocks' inputs over in bf16 already (one cast
+per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
 implement the same interface.
 """
 
@@ -15,8 +17,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-# Rows at or above which the bf16 copy wins; measured by benchmarks/linear_dtypes.py on this machine.
-BF16_MIN_ROWS = 8
+# Rows at or above which the bf16 copy wins; measured by benchmarks/decode_dtype.py (docs/results/decode_dtype.json).
+BF16_MIN_ROWS = 1
 # The bf16 copy is stored pre-packed in oneDNN's blocked layout for this batch size: F.linear re-packs a plain
 # weight on every call, which measured 25-35% of a decode step's linear time at 32 rows (same results).
 PACKED_FOR_ROWS = 32

@@ -32,11 +32,12 @@ CPP_TILE = 64  # output columns per weight tile of the C++ kernel
 SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers the input: always dense
 # Largest union of kept channels (fraction of the inputs) at which the sparse path still beats the engine's
 # default dense path, by row count (the smallest key >= rows applies), measured by benchmarks/sparse_linear.py
-# (docs/results/sparse_linear.json: SmolLM2 shapes, 30 layers of weights streaming from memory, the lower of the
-# 1- and 2-thread break-even points). Below 8 rows the dense path is fp32 sgemv/sgemm, which the register-blocked
-# kernel beats even at a full union; from 8 rows it runs bf16 on AMX and sparse pays only for smaller unions.
-# Against an all-fp32 dense path these limits are conservative (dense is never slower than itself).
-MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 7: 1.0, 8: 0.68, 16: 0.45}
+# (docs/results/sparse_linear.json: SmolLM2 shapes, 30 layers of weights streaming from memory, bf16 tiles against
+# the bf16 dense path, 1 thread). Both read bf16 weights, so at a full union they read the same bytes; the
+# register-blocked kernel still wins up to 4 rows. The microbenchmark's 8-row points (x1.1 at a full union) did
+# not hold in whole decode steps (benchmarks/larosa.py: 0.8x at batch 8 with every layer sparse), so 8 rows keep
+# the earlier, lower limit; at 16 rows sparse pays only for unions up to 2/3.
+MAX_UNION_FRACTION_CPP: dict[int, float] = {1: 0.9, 2: 1.0, 4: 1.0, 8: 0.68, 16: 0.66}
 MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
 
 
@@ -103,8 +104,14 @@ class TopKSparseLinear:
         backend: str = "auto",
         union_table: dict[int, float] | None = None,
         mask_dense_path: bool = False,
+        tile_dtype: torch.dtype = torch.float32,
     ) -> None:
-        """`dense` computes the same weight densely (default: DenseLinear(weight, bias)) for the dense path."""
+        """`dense` computes the same weight densely (default: DenseLinear(weight, bias)) for the dense path.
+
+        tile_dtype: the C++ kernel's weight copy, float32 or bfloat16 (widened exactly, accumulated in fp32). A
+        decode step streams its weights from memory, so bf16 tiles halve most of the sparse path's time; they
+        suit a mixed-precision model, whose dense path computes with a bf16 copy already.
+        """
         self.mask_dense_path = mask_dense_path
         self.out_features, self.in_features = weight.shape
         self.k = max(0, min(int(k), self.in_features))
@@ -119,9 +126,11 @@ class TopKSparseLinear:
         self.stats = SparseLinearStats()
         self._union_table = union_table if union_table is not None else MAX_UNION_FRACTION_CPP
         if self._ext is not None:
-            # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 256 contiguous bytes per tile.
+            # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 64 contiguous weights per tile.
             tiles = self.out_features // CPP_TILE
-            self.weight_tiles = weight.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).contiguous()
+            self.weight_tiles = (
+                weight.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).to(tile_dtype).contiguous()
+            )
         else:
             self.weight_t = weight.t().contiguous()  # [in, out]: kept channel i is row i
 

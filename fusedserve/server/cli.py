@@ -49,7 +49,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default=None,
-        help="default auto: on the CPU fp32 weights with bf16 (AMX) compute for batches of 8+ rows; "
+        help="default auto: on the CPU fp32 weights with bf16 (AMX) compute and a bf16 KV cache; "
         "on CUDA bfloat16. float32 is exact fp32 everywhere",
     )
     model.add_argument(

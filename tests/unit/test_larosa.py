@@ -32,6 +32,7 @@ from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.llama import LlamaModel, rms_norm
 from fusedserve.engine.model.loader import dense_linear_factory, load_llama, read_state_dict
 from fusedserve.kernels.attention import SlotBatch
+from fusedserve.kernels.linear import BF16_MIN_ROWS
 from fusedserve.kernels.sparse_linear import SPARSE_MAX_ROWS, TopKSparseLinear
 
 torch.set_num_threads(1)
@@ -188,11 +189,12 @@ def test_folder_with_one_level_per_module_kind_still_loads_and_serves(tmp_path: 
 
 
 def test_larosa_model_computes_large_steps_in_bf16_like_the_dense_model(tmp_path: Path) -> None:
-    """Mixed precision applies to a LaRoSA model too: bf16 blocks and a bf16 KV cache from 8 tokens on."""
+    """Mixed precision applies to a LaRoSA model too: bf16 blocks from BF16_MIN_ROWS tokens and a bf16 KV cache."""
     out = rotated_folder_with_module_levels(tmp_path)
     mixed = load_llama(out, make_linear=larosa_linear_factory(out))
     assert mixed.kv_dtype == torch.bfloat16
-    assert mixed.compute_dtype(16) == torch.bfloat16 and mixed.compute_dtype(1) == torch.float32
+    assert mixed.compute_dtype(16) == torch.bfloat16
+    assert mixed.compute_dtype(1) == (torch.bfloat16 if BF16_MIN_ROWS <= 1 else torch.float32)
     exact = load_llama(out, make_linear=larosa_linear_factory(out, dense=dense_linear_factory))
     assert exact.kv_dtype == torch.float32 and exact.compute_dtype(16) == torch.float32
     ids = torch.arange(24)  # one 24-token prefill: the dense path, in bf16 for the mixed model
@@ -220,7 +222,7 @@ def test_dense_twin_takes_large_steps_without_adapters_and_computes_the_same_log
     expected_logits, expected_keys = step_with_caches(model, torch.arange(24))  # the layers' own dense paths
     assert attach_dense_twin(model, dense_linear_factory)
     twin = model.dense_twin
-    assert 1 < twin.from_tokens <= SPARSE_MAX_ROWS + 1  # one token may go sparse; 17 never does
+    assert 1 < twin.from_tokens <= SPARSE_MAX_ROWS + 1  # one token computes sparsely; 17 never do
     assert all(layer.residual_adapter is None for layer in twin.model.layers)
     calls_before = sparse_layer_calls(model)
     logits, keys = step_with_caches(model, torch.arange(24))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedserve.kernels.linear import DenseLinear
+from fusedserve.kernels.linear import BF16_MIN_ROWS, DenseLinear
 from fusedserve.kernels.sparse_linear import (
     TopKSparseLinear,
     expected_union,
@@ -38,6 +38,20 @@ def test_cpp_sparse_path_equals_masked_dense_reference(rows: int, k: int) -> Non
     x = torch.randn(rows, 160)
     torch.testing.assert_close(layer(x).double(), reference(x, weight, bias, k), rtol=1e-5, atol=1e-4)
     assert layer.stats.sparse_calls == 1 and layer.stats.dense_calls == 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("k", [40, 160])
+def test_cpp_sparse_path_with_bf16_tiles_equals_the_reference_on_bf16_weights(rows: int, k: int) -> None:
+    """bf16 tiles change only the weights' rounding: widening is exact and accumulation stays fp32."""
+    weight, bias = make()
+    layer = TopKSparseLinear(weight, bias, k, backend="cpp", union_table={16: 2.0}, tile_dtype=torch.bfloat16)
+    assert layer.weight_tiles.dtype == torch.bfloat16
+    x = torch.randn(rows, 160)
+    expected = reference(x, weight.bfloat16().float(), bias, k)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-4)
+    assert layer.stats.sparse_calls == 1
 
 
 @needs_cpp
@@ -131,7 +145,7 @@ def test_bf16_activations_take_either_path_and_come_back_bf16(backend: str) -> N
     weight, bias = make()
     rows = 1 if backend == "torch" else 8
     layer = TopKSparseLinear(weight, bias, 40, backend=backend, union_table={16: 2.0})
-    assert layer.bf16_min_rows == layer.dense.bf16_min_rows == 8  # the dense path's threshold, reported
+    assert layer.bf16_min_rows == layer.dense.bf16_min_rows == BF16_MIN_ROWS  # the dense path's, reported
     # Distinct magnitudes that bf16 holds exactly (n / 64, n <= 160): no ties for the top-k to break differently.
     gen = torch.Generator().manual_seed(5)
     magnitudes = torch.stack([torch.randperm(160, generator=gen) + 1 for _ in range(rows)]) / 64

@@ -41,7 +41,17 @@ def sparse_linear_factory(
         dense_layer = dense(name, weight, bias)
         if k is None or k >= weight.shape[1]:
             return dense_layer
-        return TopKSparseLinear(weight, bias, k, dense_layer, backend=backend, mask_dense_path=mask_dense_path)
+        # Mixed precision (the dense layer keeps a bf16 copy) extends to the sparse path's weights.
+        mixed = getattr(dense_layer, "bf16_min_rows", None) is not None
+        return TopKSparseLinear(
+            weight,
+            bias,
+            k,
+            dense_layer,
+            backend=backend,
+            mask_dense_path=mask_dense_path,
+            tile_dtype=torch.bfloat16 if mixed else torch.float32,
+        )
 
     return make_linear
 

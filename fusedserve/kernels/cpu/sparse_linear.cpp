@@ -1,12 +1,13 @@
 // Top-k sparse linear for small batches on the CPU: y[t] = sum_{i in topk(|x[t]|)} x[t, i] * W^T[i, :] (+ bias).
 //
 // Weights come input-major in column tiles (wtile [out / 64, in, 64]: tile b holds W^T[:, 64b:64b+64]), so a kept
-// input channel is 256 contiguous bytes per tile and the kept rows of a tile are read in address order. For a
+// input channel is 256 (fp32) or 128 (bf16) contiguous bytes per tile and the kept rows of a tile are read in
+// address order. For a
 // batch the kernel reads each row of the union of kept channels once per tile and accumulates it, in registers,
 // into every token of a group of up to six (AVX-512 where compiled for it, portable loops otherwise);
 // when the union is larger than `max_union_fraction` of the inputs it returns the top-k-masked input instead, for
 // the caller's dense linear (same values up to rounding). Work is split over output tiles with at::parallel_for
-// (torch's thread count); accumulation is fp32.
+// (torch's thread count); accumulation is fp32 for both weight types.
 // This file never allocates per-channel weight copies and never reads weight rows of dropped channels.
 
 #include <torch/extension.h>
@@ -67,29 +68,47 @@ constexpr int64_t kTile = 64;      // output columns per weight tile: [tiles, in
 constexpr int64_t kMaxGroup = 6;   // tokens per register block: 6 tokens x 4 vectors = 24 accumulators
 constexpr int64_t kPrefetch = 8;   // rows ahead to prefetch: kept rows are scattered, the hardware cannot guess
 
+// One 64-column weight row as four fp32 vectors: fp32 rows load as they are; bf16 rows (uint16_t bit patterns)
+// widen to fp32 by a 16-bit left shift, exact, so a bf16 tile reads half the bytes for the same arithmetic.
+#if defined(__AVX512F__)
+inline void load_row(const float* r, __m512 (&v)[4]) {
+  for (int i = 0; i < 4; ++i) v[i] = _mm512_loadu_ps(r + 16 * i);
+}
+inline void load_row(const uint16_t* r, __m512 (&v)[4]) {
+  for (int i = 0; i < 4; ++i) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 16 * i));
+    v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  }
+}
+#endif
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 // For NT tokens and one tile: out[t][0:64] = sum_j coef[j][t] * tile[rows[j]][0:64], registers only.
-template <int NT>
-void tile_kernel(const float* tile, const int32_t* rows, const float* coef, int64_t coef_stride, int64_t num_rows,
+template <int NT, typename W>
+void tile_kernel(const W* tile, const int32_t* rows, const float* coef, int64_t coef_stride, int64_t num_rows,
                  float* acc /* [NT][64] */) {
 #if defined(__AVX512F__)
+  constexpr int kLines = static_cast<int>(kTile * sizeof(W) / 64);  // cache lines per weight row
   __m512 sum[NT][4];
   for (int t = 0; t < NT; ++t)
     for (int v = 0; v < 4; ++v) sum[t][v] = _mm512_setzero_ps();
   for (int64_t j = 0; j < num_rows; ++j) {
     if (j + kPrefetch < num_rows) {
       const char* ahead = reinterpret_cast<const char*>(tile + static_cast<int64_t>(rows[j + kPrefetch]) * kTile);
-      for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+      for (int line = 0; line < kLines; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
     }
-    const float* r = tile + static_cast<int64_t>(rows[j]) * kTile;
-    const __m512 r0 = _mm512_loadu_ps(r), r1 = _mm512_loadu_ps(r + 16);
-    const __m512 r2 = _mm512_loadu_ps(r + 32), r3 = _mm512_loadu_ps(r + 48);
+    __m512 r[4];
+    load_row(tile + static_cast<int64_t>(rows[j]) * kTile, r);
     const float* a = coef + j * coef_stride;
     for (int t = 0; t < NT; ++t) {
       const __m512 at = _mm512_set1_ps(a[t]);
-      sum[t][0] = _mm512_fmadd_ps(at, r0, sum[t][0]);
-      sum[t][1] = _mm512_fmadd_ps(at, r1, sum[t][1]);
-      sum[t][2] = _mm512_fmadd_ps(at, r2, sum[t][2]);
-      sum[t][3] = _mm512_fmadd_ps(at, r3, sum[t][3]);
+      for (int v = 0; v < 4; ++v) sum[t][v] = _mm512_fmadd_ps(at, r[v], sum[t][v]);
     }
   }
   for (int t = 0; t < NT; ++t)
@@ -97,16 +116,17 @@ void tile_kernel(const float* tile, const int32_t* rows, const float* coef, int6
 #else
   float sum[NT][kTile] = {};
   for (int64_t j = 0; j < num_rows; ++j) {
-    const float* r = tile + static_cast<int64_t>(rows[j]) * kTile;
+    const W* r = tile + static_cast<int64_t>(rows[j]) * kTile;
     const float* a = coef + j * coef_stride;
     for (int t = 0; t < NT; ++t)
-      for (int64_t c = 0; c < kTile; ++c) sum[t][c] += a[t] * r[c];
+      for (int64_t c = 0; c < kTile; ++c) sum[t][c] += a[t] * widen(r[c]);
   }
   for (int t = 0; t < NT; ++t) std::copy(sum[t], sum[t] + kTile, acc + t * kTile);
 #endif
 }
 
-void run_group(int group, const float* tile, const int32_t* rows, const float* coef, int64_t coef_stride,
+template <typename W>
+void run_group(int group, const W* tile, const int32_t* rows, const float* coef, int64_t coef_stride,
                int64_t num_rows, float* acc) {
   switch (group) {
     case 1: return tile_kernel<1>(tile, rows, coef, coef_stride, num_rows, acc);
@@ -118,18 +138,41 @@ void run_group(int group, const float* tile, const int32_t* rows, const float* c
   }
 }
 
+// y[t, :] = sum over the union's rows of coef * tile rows (+ bias), all tiles, split over torch's threads.
+template <typename W>
+void accumulate_tiles(const W* tiles, int64_t in, int64_t out, int64_t tokens, const std::vector<int32_t>& rows,
+                      const std::vector<float>& coef, const float* bp, float* yp) {
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  at::parallel_for(0, out / kTile, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float acc[kMaxGroup * kTile];
+    for (int64_t b = b0; b < b1; ++b) {
+      const W* tile = tiles + b * in * kTile;
+      // Token groups re-read the tile's kept rows; after the first group they come from L2.
+      for (int64_t t0 = 0; t0 < tokens; t0 += kMaxGroup) {
+        const int group = static_cast<int>(std::min<int64_t>(kMaxGroup, tokens - t0));
+        run_group(group, tile, rows.data(), coef.data() + t0, tokens, num_rows, acc);
+        for (int t = 0; t < group; ++t) {
+          float* dst = yp + (t0 + t) * out + b * kTile;
+          for (int64_t c = 0; c < kTile; ++c) dst[c] = acc[t * kTile + c] + (bp ? bp[b * kTile + c] : 0.0f);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // Returns (y [T, out], true) from the sparse path, or (TopK_k(x) [T, in], false) when the union of kept channels
 // exceeds max_union_fraction * in: the caller then runs its dense linear on the masked input. x [T, in] fp32;
-// wtile [out / 64, in, 64] fp32; bias [out] or None; k kept channels per token.
+// wtile [out / 64, in, 64] fp32 or bf16 (accumulation is fp32 either way); bias [out] or None; k kept per token.
 std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const torch::Tensor& wtile,
                                                    const c10::optional<torch::Tensor>& bias, int64_t k,
                                                    double max_union_fraction) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [T, in] float32");
-  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.scalar_type() == torch::kFloat32 &&
-                  wtile.is_contiguous(),
-              "wtile must be [out / 64, in, 64] float32, contiguous");
+  const bool bf16_tiles = wtile.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.is_contiguous() &&
+                  (bf16_tiles || wtile.scalar_type() == torch::kFloat32),
+              "wtile must be [out / 64, in, 64] float32 or bfloat16, contiguous");
   const auto xc = x.contiguous();
   const int64_t tokens = xc.size(0), in = xc.size(1), out = wtile.size(0) * kTile;
   TORCH_CHECK(wtile.size(1) == in, "wtile rows must equal x columns");
@@ -165,26 +208,13 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
     }
 
   auto y = torch::empty({tokens, out}, xc.options());
-  float* yp = y.data_ptr<float>();
-  const float* tiles = wtile.data_ptr<float>();
-  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : torch::Tensor();
+  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous().to(torch::kFloat32) : torch::Tensor();
   const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  const int64_t num_tiles = out / kTile;
-  at::parallel_for(0, num_tiles, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float acc[kMaxGroup * kTile];
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* tile = tiles + b * in * kTile;
-      // Token groups re-read the tile's kept rows; after the first group they come from L2.
-      for (int64_t t0 = 0; t0 < tokens; t0 += kMaxGroup) {
-        const int group = static_cast<int>(std::min<int64_t>(kMaxGroup, tokens - t0));
-        run_group(group, tile, rows.data(), coef.data() + t0, tokens, num_rows, acc);
-        for (int t = 0; t < group; ++t) {
-          float* dst = yp + (t0 + t) * out + b * kTile;
-          for (int64_t c = 0; c < kTile; ++c) dst[c] = acc[t * kTile + c] + (bp ? bp[b * kTile + c] : 0.0f);
-        }
-      }
-    }
-  });
+  if (bf16_tiles)
+    accumulate_tiles(reinterpret_cast<const uint16_t*>(wtile.data_ptr<at::BFloat16>()), in, out, tokens, rows, coef,
+                     bp, y.data_ptr<float>());
+  else
+    accumulate_tiles(wtile.data_ptr<float>(), in, out, tokens, rows, coef, bp, y.data_ptr<float>());
   return {y, true};
 }
 
