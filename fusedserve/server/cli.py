@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fusedserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -110,7 +111,10 @@ def resolve_model_dir(args: argparse.Namespace) -> Path:
         return Path(args.model).expanduser().resolve()
     from fusedserve.engine.model.default_model import ensure_default_model
 
-    return ensure_default_model()
+    # A first run converts the GGUF with torch; on a thread of its own, whose OpenMP team ends with it, so the
+    # engine thread stays the process's only one (see AsyncEngine._run_engine).
+    with ThreadPoolExecutor(1) as converter:
+        return converter.submit(ensure_default_model).result()
 
 
 def default_max_model_len(model_dir: Path) -> int:
