@@ -6,10 +6,10 @@
    top-k on the original model with fixed-ratio coefficients ("topk"). Exact fp32 dense layers, so the numbers
    measure the method, not bf16 rounding.
 2. Speed: decode tokens/s of the model forward + LM head with a single-position KV write per sequence (context
-   fixed at --context tokens), at batch 1, 4, 8 and 16, dense vs LaRoSA 40% and 50%, with the engine's default
+   fixed at --context tokens), at batch 1, 2, 4, 8 and 16, dense vs LaRoSA 40% and 50%, with the engine's default
    mixed-precision dense layers. Configurations are interleaved round by round and each ratio is the median of
-   per-round ratios, so load from other processes on the shared cores hits all of them alike. Batch 1/4/8/16 at 1
-   torch thread (the summary), batch 1/4 at 2 threads. LaRoSA runs with the allocation given by --speed-allocation.
+   per-round ratios, so load from other processes on the shared cores hits all of them alike. Batch 1/2/4/8/16 at 1
+   torch thread (the summary), batch 1/2/4 at 2 threads. LaRoSA runs with the allocation given by --speed-allocation.
 3. The union of kept channels per batch (LaRoSA vs unrotated), which decides the per-step sparse/dense choice.
 Writes docs/results/larosa.json (with a "summary" object) and a PNG; prints tables. Asserts nothing.
 """
@@ -247,8 +247,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--sparsities", default="0,0.25,0.4,0.5")
-    parser.add_argument("--batches", default="1,4,8,16", help="batch sizes at 1 thread")
-    parser.add_argument("--batches-2t", default="1,4", help="batch sizes at 2 threads ('' to skip)")
+    parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes at 1 thread")
+    parser.add_argument("--batches-2t", default="1,2,4", help="batch sizes at 2 threads ('' to skip)")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
     parser.add_argument("--rounds", type=int, default=11)

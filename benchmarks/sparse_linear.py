@@ -7,8 +7,9 @@ real decode step), time per batch size B and union fraction f:
 - torch: the pure-torch path (F.embedding_bag over W^T, reads k rows per token) for B = 1;
 - dense: the engine's dense layer (DenseLinear with its default mixed precision) on the masked input.
 Variants are interleaved round by round; ratios are medians of per-round ratios. The break-even fraction per
-B (largest f where cpp is not slower than dense, extrapolated linearly above 1.0 and capped at 1.0) is what
-kernels/sparse_linear.MAX_UNION_FRACTION_CPP holds. Writes docs/results/sparse_linear.json; asserts nothing.
+B (largest f where cpp is not slower than dense, interpolated, capped at 1.0) is the kernel's own limit: an upper
+bound for kernels/sparse_linear.MAX_UNION_FRACTION_CPP, which holds what whole decode steps measured
+(benchmarks/larosa.py). Writes docs/results/sparse_linear.json; asserts nothing.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def main() -> None:
                                                "break_even_union": break_even(rows)}
     print("break-even union fraction: " + ", ".join(f"{k} {v['break_even_union']:.2f}" for k, v in results.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # The table kernels/sparse_linear.py holds: per batch size, the lower of the thread counts' break-even points.
+    # Per batch size, the lower of the thread counts' break-even points: the kernel's limit at any thread count.
     batches = sorted({int(key.split("_b")[1]) for key in results})
     summary = {
         f"break_even_union_b{b}": min(v["break_even_union"] for k, v in results.items() if k.endswith(f"_b{b}"))

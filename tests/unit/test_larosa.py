@@ -222,7 +222,8 @@ def test_dense_twin_takes_large_steps_without_adapters_and_computes_the_same_log
     expected_logits, expected_keys = step_with_caches(model, torch.arange(24))  # the layers' own dense paths
     assert attach_dense_twin(model, dense_linear_factory)
     twin = model.dense_twin
-    assert 1 < twin.from_tokens <= SPARSE_MAX_ROWS + 1  # one token computes sparsely; 17 never do
+    # at every measured thread count one token computes sparsely and 17 never do
+    assert all(1 < step <= SPARSE_MAX_ROWS + 1 for step in twin.from_tokens.values())
     assert all(layer.residual_adapter is None for layer in twin.model.layers)
     calls_before = sparse_layer_calls(model)
     logits, keys = step_with_caches(model, torch.arange(24))

@@ -7,7 +7,9 @@ import torch
 
 from fusedserve.kernels.linear import BF16_MIN_ROWS, DenseLinear
 from fusedserve.kernels.sparse_linear import (
+    MAX_UNION_FRACTION_CPP,
     TopKSparseLinear,
+    at_thread_count,
     expected_union,
     load_sparse_linear_extension,
     max_union_fraction,
@@ -129,6 +131,23 @@ def test_union_fraction_table_uses_the_next_measured_row_count() -> None:
     assert max_union_fraction(table, 3) == 0.7
     assert max_union_fraction(table, 16) == 0.5
     assert max_union_fraction(table, 17) == 0.0
+
+
+def test_thread_tables_apply_from_their_thread_count_up() -> None:
+    by_threads = {1: "one", 2: "two", 8: "eight"}
+    assert at_thread_count(by_threads, 1) == "one"
+    assert at_thread_count(by_threads, 4) == "two"
+    assert at_thread_count(by_threads, 16) == "eight"
+    assert at_thread_count({2: "two"}, 1) == "two"  # below every measured count: the smallest
+
+
+def test_the_default_break_even_follows_the_calling_threads_count() -> None:
+    weight, bias = make(out_features=128)
+    layer = TopKSparseLinear(weight, bias, 32, backend="cpp")
+    for threads, table in MAX_UNION_FRACTION_CPP.items():
+        assert layer.union_table(threads) == table
+        largest_measured_rows = max(table)
+        assert not layer.may_take_sparse_path(largest_measured_rows + 1, threads)
 
 
 def test_expected_union_is_k_for_one_row_and_grows_with_rows() -> None:

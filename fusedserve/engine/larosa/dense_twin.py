@@ -17,12 +17,14 @@ This module never decides sparsity levels and never runs a step.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from fusedserve.engine.model.llama import DecoderLayer, DenseTwin, LlamaModel
 from fusedserve.engine.model.loader import LinearFactory
 from fusedserve.kernels.linear import Linear
-from fusedserve.kernels.sparse_linear import SPARSE_MAX_ROWS, TopKSparseLinear
+from fusedserve.kernels.sparse_linear import MAX_UNION_FRACTION_CPP, SPARSE_MAX_ROWS, TopKSparseLinear
 
 
 def attach_dense_twin(model: LlamaModel, make_dense: LinearFactory) -> bool:
@@ -40,9 +42,10 @@ def attach_dense_twin(model: LlamaModel, make_dense: LinearFactory) -> bool:
     ]
     if any(scale is not None for scale in norm_scales):
         return False  # a scale lives in its layer's basis; absorb.py folds them all into the linears
-    from_tokens = first_twin_step(model)
-    if from_tokens is None:
+    steps = {threads: first_twin_step(model, threads) for threads in MAX_UNION_FRACTION_CPP}
+    if all(step is None for step in steps.values()):
         return False
+    from_tokens = {threads: sys.maxsize if step is None else step for threads, step in steps.items()}
     bases = residual_bases(model)
     twin_layers = [
         _twin_layer(i, layer, basis, make_dense)
@@ -60,12 +63,14 @@ def attach_dense_twin(model: LlamaModel, make_dense: LinearFactory) -> bool:
     return True
 
 
-def first_twin_step(model: LlamaModel) -> int | None:
-    """The fewest tokens from which the twin should compute every step of `model` (None: never).
+def first_twin_step(model: LlamaModel, threads: int) -> int | None:
+    """The fewest tokens from which the twin should compute every step of `model` at `threads` torch threads
+    (None: never).
 
     A step belongs to the twin when the sparse layers could not skip, even at best (each eligible layer reading
-    only its k rows), as many weights as the residual adapters read: at 50% on SmolLM2 the adapters are 9% of
-    the sparse layers' weights, from 1 to 7 tokens the sparse paths may skip 50%, at 8 tokens 0.4%.
+    only its k rows), as many weights as the residual adapters read (at 50% on SmolLM2 the adapters are 9% of the
+    sparse layers' weights). A layer is eligible at a row count where its expected union of kept channels is
+    within the break-even measured at that thread count (kernels/sparse_linear.MAX_UNION_FRACTION_CPP).
     """
     sparse = [linear for layer in model.layers for linear in _linears(layer) if isinstance(linear, TopKSparseLinear)]
     if any(linear.mask_dense_path for linear in sparse):
@@ -75,7 +80,7 @@ def first_twin_step(model: LlamaModel) -> int | None:
     )
 
     def sparse_pays(rows: int) -> bool:
-        eligible = [linear for linear in sparse if linear.may_take_sparse_path(rows)]
+        eligible = [linear for linear in sparse if linear.may_take_sparse_path(rows, threads)]
         return sum((linear.in_features - linear.k) * linear.out_features for linear in eligible) >= adapter_weights
 
     beyond_limit = SPARSE_MAX_ROWS + 1

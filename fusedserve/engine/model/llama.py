@@ -22,6 +22,7 @@ from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.rope import RotaryEmbedding
 from fusedserve.kernels.attention import SlotBatch, attend, write_kv
 from fusedserve.kernels.linear import Linear
+from fusedserve.kernels.sparse_linear import at_thread_count
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -45,8 +46,13 @@ class DenseTwin:
     """An equivalent model without per-layer residual bases that computes this one's steps of many tokens."""
 
     model: LlamaModel
-    from_tokens: int  # steps of at least this many tokens go to the twin
+    # torch thread count -> steps of at least this many tokens go to the twin (sparse kernels pay less with more
+    # threads, as dense matmuls scale better); the largest count <= the current one applies
+    from_tokens: dict[int, int]
     to_final_basis: torch.Tensor  # [d, d]: the twin's final hidden states -> this model's final basis
+
+    def takes(self, num_tokens: int) -> bool:
+        return num_tokens >= at_thread_count(self.from_tokens, torch.get_num_threads())
 
 
 class LlamaModel:
@@ -92,7 +98,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Hidden states [T, d] after the final norm, for the flat batch of new tokens described by `batch`."""
         twin = self.dense_twin
-        if twin is not None and input_ids.shape[0] >= twin.from_tokens:
+        if twin is not None and twin.takes(input_ids.shape[0]):
             return twin.model.forward(input_ids, batch, key_caches, value_caches) @ twin.to_final_basis
         arch = self.arch
         compute_dtype = self.compute_dtype(input_ids.shape[0])
