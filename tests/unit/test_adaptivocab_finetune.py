@@ -87,3 +87,18 @@ def test_packed_sequences_and_step_batches_are_deterministic() -> None:
     assert sequence_indices_for_step(10, 3, 4, seed=1) == sequence_indices_for_step(10, 3, 4, seed=1)
     epoch = [i for step in range(5) for i in sequence_indices_for_step(10, step, 2, seed=1)]
     assert sorted(epoch) == list(range(10))
+
+
+def test_next_token_loss_matches_transformers_loss(adapted: dict) -> None:
+    from transformers import LlamaForCausalLM
+
+    from fusedserve.engine.adaptivocab.finetune import next_token_loss
+
+    model = LlamaForCausalLM.from_pretrained(str(adapted["adapted"]), dtype=torch.float32)
+    batch = torch.randint(0, model.config.vocab_size, (2, 24))
+    ours = next_token_loss(model, batch, bf16=False)
+    theirs = model(input_ids=batch, labels=batch).loss
+    assert math.isclose(float(ours), float(theirs), rel_tol=1e-5)
+    grads = torch.autograd.grad(ours, model.lm_head.weight)[0]
+    reference = torch.autograd.grad(model(input_ids=batch, labels=batch).loss, model.lm_head.weight)[0]
+    torch.testing.assert_close(grads, reference, rtol=1e-4, atol=1e-7)

@@ -29,11 +29,11 @@ SEPARATOR_TOKEN = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 200
+    steps: int = 800
     seq_len: int = 512
     grad_accum: int = 4
     lr: float = 5e-4
-    warmup: int = 20
+    warmup: int = 40
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     min_lr_ratio: float = 0.1
@@ -147,12 +147,24 @@ def train_step(model: torch.nn.Module, data: PackedSequences, step: int, config:
     indices = sequence_indices_for_step(data.num_sequences, step, config.grad_accum, config.seed)
     total = 0.0
     for index in indices:
-        batch = data.tokens[index : index + 1]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(input_ids=batch, labels=batch).loss
+        loss = next_token_loss(model, data.tokens[index : index + 1], config.bf16)
         (loss / config.grad_accum).backward()
         total += float(loss.detach())
     return total / len(indices)
+
+
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Mean cross-entropy of each token given its prefix (what `model(labels=batch).loss` computes, faster).
+
+    The LM head runs on all positions but the last, and the log-softmax runs in float32 on a fresh copy of the
+    bf16 logits. transformers' own loss upcasts the full logits tensor, shifts it with another copy and then
+    runs the log-softmax backward over 49k columns per token through strided memory: 1.2 s of a 4.7 s step
+    on this CPU (4 x 512 tokens, 2 threads); this way the whole step takes 3.5 s.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = model.model(input_ids=batch).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
 def run_finetune(request: FinetuneRequest, show_progress: bool = True) -> dict[str, Any]:
