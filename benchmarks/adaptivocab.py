@@ -9,7 +9,8 @@ Parts (run any subset with --parts; results merge into the existing JSON, so par
 Writes docs/results/adaptivocab.json (top-level "summary": token_reduction, bpb_original, bpb_adapted,
 bpb_adapted_finetuned, serve_reqs_ratio), prints a table and draws docs/results/adaptivocab.png.
 
-    python benchmarks/adaptivocab.py --parts tokens,bpb,serve
+    fusedserve prepare --only adaptivocab   # builds and fine-tunes the folders measured here (about 80 min)
+    python benchmarks/adaptivocab.py
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RESULTS = REPO / "docs" / "results"
-ADAPTED = REPO / "runs" / "adaptivocab" / "smollm2-pydocs"
-FINETUNED = REPO / "runs" / "adaptivocab" / "smollm2-pydocs-ft"
 CURVE_POINTS = (500, 1000, 2000, 3000, 5000, 7500, 10000, 15000)
 
 
@@ -34,8 +33,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="tokens,curve,bpb,serve")
     parser.add_argument("--original", type=Path, default=None, help="default: SmolLM2-135M-Instruct")
-    parser.add_argument("--adapted", type=Path, default=ADAPTED)
-    parser.add_argument("--finetuned", type=Path, default=FINETUNED)
+    parser.add_argument("--adapted", type=Path, default=None, help="default: the folder `fusedserve prepare` builds")
+    parser.add_argument("--finetuned", type=Path, default=None, help="default: the folder `fusedserve prepare` tunes")
     parser.add_argument("--corpus", default=None, help="default: the corpus recorded in the adapted manifest")
     parser.add_argument("--bpb-bytes", type=int, default=120_000, help="held-out bytes scored per model")
     parser.add_argument("--threads", type=int, default=1)
@@ -346,6 +345,10 @@ def plot(results: dict, path: Path) -> None:
 def main() -> int:
     args = parse_args()
     from fusedserve.engine.model.default_model import ensure_default_model
+    from fusedserve.presets import prepared_model_dir
+
+    args.adapted = args.adapted or prepared_model_dir("adaptivocab-init")
+    args.finetuned = args.finetuned or prepared_model_dir("adaptivocab")
 
     original_dir = args.original or ensure_default_model()
     parts = set(args.parts.split(","))
