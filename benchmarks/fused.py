@@ -4,9 +4,9 @@ For each preset (baseline, vattention, adaptivocab, larosa, fused; see fusedserv
 - quality: bits per byte of held-out Python-documentation text, with the exact model and tokenizer served
   (sparse LaRoSA linears and the PatchTokenizer included);
 - serving: a real `fusedserve serve` subprocess, streaming completions of held-out domain text at concurrency
-  1, 4 and 16, with outputs of equal length in characters (each preset's max_tokens scaled by its measured
-  tokens per character), recording tokens per request, requests/s, output characters/s, tokens/s, TTFT/ITL and
-  the peak physical KV bytes mapped (sampled from /metrics while the load runs).
+  1, 4 and 16, with outputs of equal length in characters (each preset's max_tokens set from the characters
+  per token of its own outputs in a calibration pass), recording tokens per request, requests/s, output
+  characters/s, tokens/s, TTFT/ITL and the peak physical KV bytes mapped (sampled from /metrics during the load).
 Writes docs/results/fused.json (top-level "summary") and PNG figures, and prints a table. Presets whose model
 folders are missing are prepared first with `fusedserve prepare` unless --skip-missing is given.
 
@@ -36,6 +36,7 @@ from fusedserve.clients.loadgen import run_load  # noqa: E402
 from fusedserve.presets import PRESETS, preset_model_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+BASELINE_CHARS_PER_TOKEN = 3.5  # the first guess only; each preset's own outputs set its max_tokens
 KV_MAPPED = re.compile(r'^fusedserve:kv_cache_bytes_mapped\{[^}]*\} ([0-9.e+]+)$', re.M)
 
 
@@ -63,6 +64,17 @@ class KVSampler:
                 continue
 
 
+def output_chars_per_token(url: str, model: str, prompts: list[str], max_tokens: int, label: str) -> float:
+    """Characters per token of this server's own outputs on the workload's prompts (a calibration pass).
+
+    Held-out text is a poor guide: a domain-tuned model's outputs run more characters per token than the
+    text it was tuned on, so max_tokens scaled by held-out tokens/char gave it ~20% longer outputs.
+    """
+    result = asyncio.run(run_load(url, model, prompts[:8], 4, max_tokens, label))
+    chars = result.output_chars_per_s * result.seconds
+    return chars / (result.mean_output_tokens * result.num_requests)
+
+
 def serve_preset(url: str, model: str, prompts: list[str], levels: list[int], max_tokens: int, label: str) -> list:
     rows = []
     asyncio.run(run_load(url, model, prompts[:2], 2, 4, label))  # warm-up (kernels, caches)
@@ -81,7 +93,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--baseline-tokens", type=int, default=64, help="baseline output tokens per request")
+    parser.add_argument("--target-chars", type=int, default=224, help="output characters per request")
     parser.add_argument("--quality-bytes", type=int, default=60_000, help="held-out bytes scored for bpb")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
@@ -111,17 +123,21 @@ def main() -> int:
         print(f"{name}: {quality[name]['bits_per_byte']:.4f} bits/byte, "
               f"{tokens_per_char[name]:.4f} tokens/char ({time.time() - started:.0f} s)", flush=True)
         base_tpc = tokens_per_char.get("baseline", tokens_per_char[name])
-        max_tokens = max(1, round(args.baseline_tokens * tokens_per_char[name] / base_tpc))
+        first_guess = max(1, round(args.target_chars * tokens_per_char[name] / base_tpc / BASELINE_CHARS_PER_TOKEN))
         flags = ["--kv-backend", preset.kv_backend, "--max-model-len", str(args.max_model_len),
                  "--max-num-seqs", str(max(args.concurrency))]
         flags += ["--model", str(model_dir)] if model_dir else []
         flags += ["--threads", str(args.threads)] if args.threads else []
         with running_server(["-m", "fusedserve.cli", "serve", *flags], Path("runs/fused") / f"{name}.log") as url:
             model_name = httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"]
+            chars_per_token = output_chars_per_token(url, model_name, prompts, first_guess, name)
+            max_tokens = max(1, round(args.target_chars / chars_per_token))
+            print(f"{name}: its outputs run {chars_per_token:.2f} chars/token -> max_tokens {max_tokens}", flush=True)
             serving += serve_preset(url, model_name, prompts, args.concurrency, max_tokens, name)
     if args.base_url:
-        serving += serve_preset(args.base_url, args.model, prompts, args.concurrency, args.baseline_tokens,
-                                "external")
+        chars_per_token = output_chars_per_token(args.base_url, args.model, prompts, 64, "external")
+        serving += serve_preset(args.base_url, args.model, prompts, args.concurrency,
+                                max(1, round(args.target_chars / chars_per_token)), "external")
 
     summary = summarise(quality, serving, args.concurrency)
     print_fused_table(quality, serving)
