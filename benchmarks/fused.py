@@ -122,6 +122,7 @@ def main() -> int:
         tokens_per_char[name] = quality[name]["tokens"] / quality[name]["chars"]
         print(f"{name}: {quality[name]['bits_per_byte']:.4f} bits/byte, "
               f"{tokens_per_char[name]:.4f} tokens/char ({time.time() - started:.0f} s)", flush=True)
+        # Only the calibration pass's length: the baseline's usual ~3.5 chars/token, scaled by held-out text.
         base_tpc = tokens_per_char.get("baseline", tokens_per_char[name])
         first_guess = max(1, round(args.target_chars * tokens_per_char[name] / base_tpc / BASELINE_CHARS_PER_TOKEN))
         flags = ["--kv-backend", preset.kv_backend, "--max-model-len", str(args.max_model_len),
@@ -135,7 +136,8 @@ def main() -> int:
             print(f"{name}: its outputs run {chars_per_token:.2f} chars/token -> max_tokens {max_tokens}", flush=True)
             serving += serve_preset(url, model_name, prompts, args.concurrency, max_tokens, name)
     if args.base_url:
-        chars_per_token = output_chars_per_token(args.base_url, args.model, prompts, 64, "external")
+        first_guess = round(args.target_chars / BASELINE_CHARS_PER_TOKEN)
+        chars_per_token = output_chars_per_token(args.base_url, args.model, prompts, first_guess, "external")
         serving += serve_preset(args.base_url, args.model, prompts, args.concurrency,
                                 max(1, round(args.target_chars / chars_per_token)), "external")
 
