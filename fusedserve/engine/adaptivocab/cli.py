@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--model", required=True, type=Path, help="folder written by `adaptivocab build`")
     tune.add_argument("--corpus", default=None, help="directory of text files (default: the build's corpus)")
     tune.add_argument("--out", required=True, type=Path, help="fine-tuned model folder to write")
-    tune.add_argument("--steps", type=int, default=1100, help="optimizer steps in total (resume extends)")
+    tune.add_argument("--steps", type=int, default=1500, help="optimizer steps in total (resume extends)")
     tune.add_argument("--max-new-steps", type=int, default=None, help="stop (checkpointed) after N steps now")
     tune.add_argument("--seq-len", type=int, default=512)
     tune.add_argument("--grad-accum", type=int, default=4, help="sequences per optimizer step")

@@ -29,7 +29,7 @@ SEPARATOR_TOKEN = "<|endoftext|>"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 1100
+    steps: int = 1500
     seq_len: int = 512
     grad_accum: int = 4
     lr: float = 5e-4
