@@ -3,8 +3,9 @@
 1. Quality: perplexity on held-out Python-documentation text (never seen by calibration) at sparsity 0/25/40/50%
    for LaRoSA (rotated folder) with the greedy per-layer allocation ("larosa", re-planned per sparsity from the
    folder's sensitivity table) and with the fixed-ratio allocation ("larosa_fixed_ratio"), and for plain magnitude
-   top-k on the original model with fixed-ratio coefficients ("topk"). Exact fp32 dense layers, so the numbers
-   measure the method, not bf16 rounding.
+   top-k on the original model with fixed-ratio coefficients ("topk"), and for the paper's calibration recipe
+   (Q_l from the attention input alone, no V/O rotations) with the greedy allocation ("larosa_paper", its own
+   folder). Exact fp32 dense layers, so the numbers measure the method, not bf16 rounding.
 2. Speed: decode tokens/s of the model forward + LM head with a single-position KV write per sequence (context
    fixed at --context tokens), at batch 1, 2, 4, 8 and 16, dense vs LaRoSA 40% and 50%, with the engine's default
    mixed-precision dense layers. Configurations are interleaved round by round and each ratio is the median of
@@ -42,7 +43,14 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
 # quality method -> (which folder, which allocation)
-METHODS = {"larosa": ("larosa", GREEDY), "larosa_fixed_ratio": ("larosa", FIXED_RATIO), "topk": ("dense", FIXED_RATIO)}
+METHODS = {
+    "larosa": ("larosa", GREEDY),
+    "larosa_fixed_ratio": ("larosa", FIXED_RATIO),
+    "larosa_paper": ("paper", GREEDY),
+    "topk": ("dense", FIXED_RATIO),
+}
+# the paper's recipe: one PCA of the attention input per layer, o_proj's input unrotated
+PAPER_RECIPE = {"mlp_covariance_weight": 0.0, "rotate_values": False}
 
 
 def factory_for(
@@ -73,9 +81,11 @@ def perplexity(model: LlamaModel, windows: list[torch.Tensor]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def quality(dense_dir: Path, larosa_dir: Path, windows: list[torch.Tensor], sparsities: list[float]) -> dict:
+def quality(
+    dense_dir: Path, larosa_dir: Path, paper_dir: Path, windows: list[torch.Tensor], sparsities: list[float]
+) -> dict:
     results: dict[str, dict[str, float]] = {method: {} for method in METHODS}
-    folders = {"larosa": larosa_dir, "dense": dense_dir}
+    folders = {"larosa": larosa_dir, "dense": dense_dir, "paper": paper_dir}
     for method, (folder, allocation) in METHODS.items():
         model_dir = folders[folder]
         for s in sparsities:
@@ -209,6 +219,7 @@ def plot(results: dict, path: Path) -> None:
     labels = {
         "larosa": "LaRoSA, greedy per-layer allocation",
         "larosa_fixed_ratio": "LaRoSA, fixed ratio 0.8:1.2",
+        "larosa_paper": "LaRoSA, paper's Q (attention input only), greedy",
         "topk": "top-k, unrotated (TEAL-style)",
     }
     for method, label in labels.items():
@@ -264,10 +275,13 @@ def main() -> None:
     dense_dir = args.model or ensure_default_model()
     larosa_dir = args.larosa or cache_root() / "models" / f"{dense_dir.name}-larosa"
     tokenizer = load_tokenizer(dense_dir)
-    if not (larosa_dir / "model.safetensors").exists():
-        print(f"calibrating {larosa_dir} ...", flush=True)
-        calibration = corpus_windows(None, tokenizer, "train", 1024, 32768)
-        build_larosa_model(dense_dir, larosa_dir, CalibrationConfig(sparsity=0.4), calibration, PYTHON_DOCS)
+    paper_dir = larosa_dir.with_name(larosa_dir.name + "-paper")
+    for folder, recipe in ((larosa_dir, {}), (paper_dir, PAPER_RECIPE)):
+        if not (folder / "model.safetensors").exists() and not args.reuse_quality:
+            print(f"calibrating {folder} ...", flush=True)
+            calibration = corpus_windows(None, tokenizer, "train", 1024, 32768)
+            config = CalibrationConfig(sparsity=0.4, **recipe)
+            build_larosa_model(dense_dir, folder, config, calibration, PYTHON_DOCS)
     if args.reuse_quality:
         previous = json.loads(args.out.read_text())
         q, unions = previous["quality"], previous["union_of_kept_channels_s50"]
@@ -277,7 +291,7 @@ def main() -> None:
         torch.set_num_threads(args.ppl_threads)
         print(f"perplexity on {sum(w.numel() for w in heldout)} held-out tokens", flush=True)
         sparsities = [float(s) for s in args.sparsities.split(",")]
-        q = quality(dense_dir, larosa_dir, heldout, sparsities)
+        q = quality(dense_dir, larosa_dir, paper_dir, heldout, sparsities)
         unions = union_fractions(dense_dir, larosa_dir, heldout, 0.5)
     if args.reuse_speed:
         previous = json.loads(args.out.read_text())
@@ -299,6 +313,7 @@ def main() -> None:
         "ppl_larosa_25": q["larosa"].get("0.25"),
         "ppl_topk_25": q["topk"].get("0.25"),
         **{f"ppl_larosa_fixed_ratio_{level[2:4]}": p for level, p in q.get("larosa_fixed_ratio", {}).items()},
+        **{f"ppl_larosa_paper_{level[2:4]}": p for level, p in q.get("larosa_paper", {}).items()},
         "speedup_b1_40": s[f"{first}_b1"]["speedup_larosa_40"],
         "speedup_b1_50": s[f"{first}_b1"]["speedup_larosa_50"],
         "speedup_b4_50": s[f"{first}_b4"]["speedup_larosa_50"],
@@ -310,7 +325,7 @@ def main() -> None:
     results = {
         "summary": summary,
         "summary_threads": 1,
-        "allocation": {"larosa": GREEDY, "larosa_fixed_ratio": FIXED_RATIO, "topk": FIXED_RATIO},
+        "allocation": {method: allocation for method, (_, allocation) in METHODS.items()},
         "speed_allocation": speed_allocation,
         "quality": q,
         "union_of_kept_channels_s50": unions,
@@ -318,6 +333,7 @@ def main() -> None:
         "setup": {
             "model": str(dense_dir),
             "larosa": str(larosa_dir),
+            "larosa_paper": str(paper_dir),
             "eval_tokens": args.eval_tokens,
             "seq_len": args.seq_len,
             "context": args.context,

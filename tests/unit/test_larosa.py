@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusedserve.engine.larosa.absorb import absorb_rotations, rotations_from_covariances
+from fusedserve.engine.larosa.absorb import absorb_rotations, absorb_value_rotations, rotations_from_covariances
 from fusedserve.engine.larosa.calibrate import (
     CalibrationConfig,
     build_larosa_model,
+    collect_covariances,
     fp32_dense_factory,
     run_window,
 )
@@ -92,9 +93,12 @@ def random_rotations(num: int, d: int, seed: int = 1) -> list[torch.Tensor]:
     return [torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0] for _ in range(num)]
 
 
-def save_rotated(source: Path, out: Path, rotations: list[torch.Tensor], dtype: torch.dtype) -> Path:
+def save_rotated(
+    source: Path, out: Path, rotations: list[torch.Tensor], dtype: torch.dtype, state: dict | None = None
+) -> Path:
+    """The source folder (or `state`, a changed copy of its weights) with `rotations` absorbed, saved to out."""
     arch = LlamaArch.from_model_dir(source)
-    state = absorb_rotations(read_state_dict(source), arch, rotations, dtype=dtype)
+    state = absorb_rotations(state or read_state_dict(source), arch, rotations, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"))
     config = json.loads((source / "config.json").read_text()) | {"tie_word_embeddings": False}
@@ -119,6 +123,34 @@ def test_rotated_model_has_folded_norms_untied_head_and_adapters(tmp_path: Path)
     assert model.layers[0].residual_adapter is None
     assert all(layer.residual_adapter is not None for layer in model.layers[1:])
     assert not torch.equal(model.lm_head.weight, model.embed_tokens)
+
+
+def test_value_rotations_with_residual_rotations_reproduce_logits_in_float64(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense")
+    arch = LlamaArch.from_model_dir(source)
+    per_head = random_rotations(3 * arch.num_kv_heads, arch.head_dim, seed=5)
+    value_rotations = [per_head[i : i + arch.num_kv_heads] for i in range(0, len(per_head), arch.num_kv_heads)]
+    original = read_state_dict(source)
+    state = absorb_value_rotations(original, arch, value_rotations)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    assert (state[name] - original[name]).abs().max() > 1e-3, "the rotations really changed V"
+    rotated = save_rotated(source, tmp_path / "rotated", random_rotations(3, 64), torch.float64, state)
+    ids = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(2))
+    expected = logits_of(load_llama(source, torch.float64), ids)
+    torch.testing.assert_close(logits_of(load_llama(rotated, torch.float64), ids), expected, rtol=0, atol=1e-10)
+
+
+def test_calibration_records_attention_outputs_per_kv_head(tmp_path: Path) -> None:
+    source = write_tiny_llama(tmp_path / "dense", dtype=torch.float32)
+    arch = LlamaArch.from_model_dir(source)
+    windows = list(torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3)))
+    (first, *_) = collect_covariances(source, windows, progress=False)
+    assert first.attention_input.shape == first.mlp_input.shape == (64, 64)
+    assert first.attention_output.shape == (arch.num_kv_heads, arch.head_dim, arch.head_dim)
+    # scale-free inputs: every row has squared norm d, so the trace counts tokens times d
+    assert first.attention_input.trace().item() == pytest.approx(32 * 64, rel=1e-4)
+    assert first.mlp_input.trace().item() == pytest.approx(32 * 64, rel=1e-4)
+    assert not torch.allclose(first.attention_output[0], first.attention_output[1])
 
 
 def test_calibrated_rotations_are_orthogonal_eigenbases() -> None:

@@ -6,8 +6,12 @@ layer l the residual stream lives in basis Q_l, with every RMSNorm scale folded 
   W_{q,k,v}' = W diag(g_attn) Q_l;  W_{gate,up}' = W diag(g_mlp) Q_l;  W_o' = Q_l^T W_o;  W_down' = Q_l^T W_down
   W_head' = W_head diag(g_final) Q_{L-1}   (a tied head is untied first)
 RMSNorm without a scale commutes with an orthogonal Q (||x Q|| = ||x||), so the dense rotated model computes the
-same logits; the norm weights are dropped (the loader reads a missing norm weight as "no scale"). All arithmetic
-runs in float64. This module never runs a model and never writes files.
+same logits; the norm weights are dropped (the loader reads a missing norm weight as "no scale").
+The attention output (o_proj's input) is outside the residual stream, so Q_l cannot reach it; but attention is
+linear in V, so a per-KV-head orthogonal R_g rotates it exactly (absorb_value_rotations): W_v rows of KV head g
+become R_g^T W_v[g], o_proj's columns of every query head h reading g become W_o[:, h] R_g, and head h's output
+arrives as R_g^T o_h, in the principal basis of the attention outputs that top-k then sparsifies.
+All arithmetic runs in float64. This module never runs a model and never writes files.
 """
 
 from __future__ import annotations
@@ -84,3 +88,35 @@ def rotations_from_covariances(covariances: list[torch.Tensor], damping: float =
         _, vectors = torch.linalg.eigh(h)
         rotations.append(vectors.flip(-1).contiguous())
     return rotations
+
+
+def absorb_value_rotations(
+    state: dict[str, torch.Tensor], arch: LlamaArch, rotations: list[list[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """A copy of `state` (original basis, before absorb_rotations) with rotations[l][g] ([head_dim, head_dim],
+    orthogonal) put into layer l's V rows of KV head g and into o_proj's columns of the query heads that read g.
+
+    Query head h reads KV head h // (num_heads / num_kv_heads), as in Hugging Face's repeat_kv. Tensors keep
+    their dtype; the products run in float64."""
+    hd, per_group = arch.head_dim, arch.num_heads // arch.num_kv_heads
+    if len(rotations) != arch.num_layers or any(len(r) != arch.num_kv_heads for r in rotations):
+        raise ValueError(f"need {arch.num_kv_heads} value rotations for each of {arch.num_layers} layers")
+    result = dict(state)
+    for layer, per_head in enumerate(rotations):
+        p = f"model.layers.{layer}.self_attn."
+        names = [p + "v_proj.weight", p + "o_proj.weight"] + ([p + "v_proj.bias"] if p + "v_proj.bias" in state else [])
+        v, o, *bias = (state[name].double().clone() for name in names)
+        for group, r in enumerate(per_head):
+            r = r.double()
+            if r.shape != (hd, hd):
+                raise ValueError(f"value rotation {layer}/{group} has shape {tuple(r.shape)}, expected ({hd}, {hd})")
+            rows = slice(group * hd, (group + 1) * hd)
+            v[rows] = r.T @ v[rows]
+            for b in bias:
+                b[rows] = r.T @ b[rows]
+            for head in range(group * per_group, (group + 1) * per_group):
+                columns = slice(head * hd, (head + 1) * hd)
+                o[:, columns] = o[:, columns] @ r
+        for name, tensor in zip(names, [v, o, *bias], strict=True):
+            result[name] = tensor.to(state[name].dtype).contiguous()
+    return result

@@ -34,6 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument(
         "--sensitivity-tokens", type=int, default=1024, help="calibration tokens the greedy allocation measures on"
     )
+    calibrate.add_argument(
+        "--mlp-covariance-weight",
+        type=float,
+        default=0.5,
+        help="weight of the MLP input's covariance next to the attention input's in each layer's rotation "
+        "(default 0.5; 0: the paper's recipe, attention input only)",
+    )
+    calibrate.add_argument(
+        "--no-value-rotation",
+        action="store_true",
+        help="leave V / o_proj unrotated (default: per-KV-head PCA of the attention outputs, absorbed into them)",
+    )
     calibrate.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     calibrate.set_defaults(handler=run_calibrate)
 
@@ -57,6 +69,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         damping=args.damping,
         allocation=args.allocation,
         sensitivity_tokens=args.sensitivity_tokens,
+        mlp_covariance_weight=args.mlp_covariance_weight,
+        rotate_values=not args.no_value_rotation,
     )
     tokenizer = load_tokenizer(args.model)  # AdaptiVocab folders tokenize with their PatchTokenizer
     windows = corpus_windows(args.corpus, tokenizer, "train", args.seq_len, args.tokens)

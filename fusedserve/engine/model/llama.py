@@ -13,7 +13,9 @@ keeps its KV cache in bf16: decode attention is memory-bound, and halving the by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +43,59 @@ class DecoderLayer:
     residual_adapter: torch.Tensor | None = None  # [d, d]: h <- h @ A before this layer (LaRoSA)
 
 
+class StepTimings:
+    """Seconds per step, by thread count, step size and path (sparse model or dense twin): the measured half
+    of the choice between them. The static break-even (DenseTwin.from_tokens) comes from kernel timings on one
+    host; on another (a faster memory system speeds up the dense GEMV more than the sparse kernel) the sparse
+    model can lose where that table says it wins. So for the step sizes the table leaves to the sparse model,
+    both paths are tried PROBES times each, the one with the lower median of its recent steps serves, and every
+    REPROBE_EVERY steps the other path runs once, so a change of load is noticed. Steps of one size differ in
+    context length, which costs both paths the same attention time."""
+
+    PROBES = 3
+    REPROBE_EVERY = 64
+    WINDOW = 8
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[int, int, bool], deque[float]] = {}
+        self._steps: dict[tuple[int, int], int] = {}
+
+    def prefers_twin(self, threads: int, num_tokens: int) -> bool:
+        sparse, dense = (self._seconds.get((threads, num_tokens, twin), ()) for twin in (False, True))
+        if len(sparse) < self.PROBES or len(dense) < self.PROBES:
+            return len(dense) < len(sparse)  # alternate until both have their probes
+        faster_twin = _median(dense) < _median(sparse)
+        steps = self._steps.get((threads, num_tokens), 0)
+        return faster_twin != (steps % self.REPROBE_EVERY == self.REPROBE_EVERY - 1)
+
+    def record(self, threads: int, num_tokens: int, twin: bool, seconds: float) -> None:
+        self._seconds.setdefault((threads, num_tokens, twin), deque(maxlen=self.WINDOW)).append(seconds)
+        self._steps[(threads, num_tokens)] = self._steps.get((threads, num_tokens), 0) + 1
+
+
+def _median(values: deque[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 @dataclass
 class DenseTwin:
     """An equivalent model without per-layer residual bases that computes this one's steps of many tokens."""
 
     model: LlamaModel
     # torch thread count -> steps of at least this many tokens go to the twin (sparse kernels pay less with more
-    # threads, as dense matmuls scale better); the largest count <= the current one applies
+    # threads, as dense matmuls scale better); the largest count <= the current one applies. Smaller steps go
+    # to whichever path `timings` measures faster.
     from_tokens: dict[int, int]
     to_final_basis: torch.Tensor  # [d, d]: the twin's final hidden states -> this model's final basis
+    timings: StepTimings = field(default_factory=StepTimings)
+
+    def timed(self, num_tokens: int) -> bool:
+        """Whether steps of this size go to the faster path as measured (else always to the twin)."""
+        return num_tokens < at_thread_count(self.from_tokens, torch.get_num_threads())
 
     def takes(self, num_tokens: int) -> bool:
-        return num_tokens >= at_thread_count(self.from_tokens, torch.get_num_threads())
+        return not self.timed(num_tokens) or self.timings.prefers_twin(torch.get_num_threads(), num_tokens)
 
 
 class LlamaModel:
@@ -98,8 +141,25 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Hidden states [T, d] after the final norm, for the flat batch of new tokens described by `batch`."""
         twin = self.dense_twin
-        if twin is not None and twin.takes(input_ids.shape[0]):
-            return twin.model.forward(input_ids, batch, key_caches, value_caches) @ twin.to_final_basis
+        if twin is None:
+            return self._forward_layers(input_ids, batch, key_caches, value_caches)
+        num_tokens, started = input_ids.shape[0], time.perf_counter()
+        to_twin = twin.takes(num_tokens)
+        if to_twin:
+            hidden = twin.model.forward(input_ids, batch, key_caches, value_caches) @ twin.to_final_basis
+        else:
+            hidden = self._forward_layers(input_ids, batch, key_caches, value_caches)
+        if twin.timed(num_tokens):
+            twin.timings.record(torch.get_num_threads(), num_tokens, to_twin, time.perf_counter() - started)
+        return hidden
+
+    def _forward_layers(
+        self,
+        input_ids: torch.Tensor,
+        batch: SlotBatch,
+        key_caches: list[torch.Tensor],
+        value_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         arch = self.arch
         compute_dtype = self.compute_dtype(input_ids.shape[0])
         hidden = F.embedding(input_ids, self.embed_tokens)
