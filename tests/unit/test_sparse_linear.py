@@ -57,6 +57,26 @@ def test_cpp_sparse_path_with_bf16_tiles_equals_the_reference_on_bf16_weights(ro
 
 
 @needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tile_dtype", [torch.float32, torch.bfloat16])
+def test_single_token_path_over_several_tiles_at_once_equals_the_reference(
+    threads: int, tile_dtype: torch.dtype
+) -> None:
+    """576 outputs = 9 tiles: groups of four tiles walked together, then a remainder tile on its own."""
+    weight, bias = make(out_features=576)
+    layer = TopKSparseLinear(weight, bias, 70, backend="cpp", union_table={16: 2.0}, tile_dtype=tile_dtype)
+    x = torch.randn(1, 160)
+    expected = reference(x, weight.to(tile_dtype).float(), bias, 70)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+    assert layer.stats.sparse_calls == 1
+
+
+@needs_cpp
 def test_cpp_sparse_path_never_reads_weight_rows_of_dropped_channels() -> None:
     weight, _ = make()
     x = torch.zeros(2, 160)

@@ -48,9 +48,10 @@ class StepTimings:
     of the choice between them. The static break-even (DenseTwin.from_tokens) comes from kernel timings on one
     host; on another (a faster memory system speeds up the dense GEMV more than the sparse kernel) the sparse
     model can lose where that table says it wins. So for the step sizes the table leaves to the sparse model,
-    both paths are tried PROBES times each, the one with the lower median of its recent steps serves, and every
-    REPROBE_EVERY steps the other path runs once, so a change of load is noticed. Steps of one size differ in
-    context length, which costs both paths the same attention time."""
+    both paths are tried PROBES times each, the one with the lower minimum over its recent steps serves (noise
+    only ever adds time, and a median of three alternating probes picked the slower path in one benchmark run),
+    and every REPROBE_EVERY steps the other path runs once, so a change of load is noticed. Steps of one size
+    differ in context length, which costs both paths the same attention time."""
 
     PROBES = 3
     REPROBE_EVERY = 64
@@ -64,18 +65,13 @@ class StepTimings:
         sparse, dense = (self._seconds.get((threads, num_tokens, twin), ()) for twin in (False, True))
         if len(sparse) < self.PROBES or len(dense) < self.PROBES:
             return len(dense) < len(sparse)  # alternate until both have their probes
-        faster_twin = _median(dense) < _median(sparse)
+        faster_twin = min(dense) < min(sparse)
         steps = self._steps.get((threads, num_tokens), 0)
         return faster_twin != (steps % self.REPROBE_EVERY == self.REPROBE_EVERY - 1)
 
     def record(self, threads: int, num_tokens: int, twin: bool, seconds: float) -> None:
         self._seconds.setdefault((threads, num_tokens, twin), deque(maxlen=self.WINDOW)).append(seconds)
         self._steps[(threads, num_tokens)] = self._steps.get((threads, num_tokens), 0) + 1
-
-
-def _median(values: deque[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 @dataclass

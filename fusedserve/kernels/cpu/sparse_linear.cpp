@@ -138,14 +138,56 @@ void run_group(int group, const W* tile, const int32_t* rows, const float* coef,
   }
 }
 
+// One token over kTilesAtOnce neighbouring tiles: out[b][0:64] = sum_j coef[j] * tile_b[rows[j]][0:64]. A one-token
+// step is bound by how many DRAM reads are in flight, not by arithmetic; walking the same kept rows of several
+// tiles together keeps several streams going where one tile at a time keeps one (SmolLM2 decode at batch 1, 50%,
+// 1 thread: 1.09x -> 1.28x over dense per step; 8 tiles at once measured the same, with 32 accumulators).
+constexpr int64_t kTilesAtOnce = 4;
+#if defined(__AVX512F__)
+template <typename W>
+void single_token_tiles(const W* first_tile, int64_t tile_stride, const int32_t* rows, const float* coef,
+                        int64_t num_rows, float* acc /* [kTilesAtOnce][64] */) {
+  constexpr int kLines = static_cast<int>(kTile * sizeof(W) / 64);
+  __m512 sum[kTilesAtOnce][4];
+  for (int b = 0; b < kTilesAtOnce; ++b)
+    for (int v = 0; v < 4; ++v) sum[b][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < num_rows; ++j) {
+    if (j + kPrefetch < num_rows) {
+      const int64_t ahead = static_cast<int64_t>(rows[j + kPrefetch]) * kTile;
+      for (int b = 0; b < kTilesAtOnce; ++b) {
+        const char* line = reinterpret_cast<const char*>(first_tile + b * tile_stride + ahead);
+        for (int l = 0; l < kLines; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);
+      }
+    }
+    const __m512 a = _mm512_set1_ps(coef[j]);
+    const int64_t offset = static_cast<int64_t>(rows[j]) * kTile;
+    for (int b = 0; b < kTilesAtOnce; ++b) {
+      __m512 r[4];
+      load_row(first_tile + b * tile_stride + offset, r);
+      for (int v = 0; v < 4; ++v) sum[b][v] = _mm512_fmadd_ps(a, r[v], sum[b][v]);
+    }
+  }
+  for (int b = 0; b < kTilesAtOnce; ++b)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + b * kTile + 16 * v, sum[b][v]);
+}
+#endif
+
 // y[t, :] = sum over the union's rows of coef * tile rows (+ bias), all tiles, split over torch's threads.
 template <typename W>
 void accumulate_tiles(const W* tiles, int64_t in, int64_t out, int64_t tokens, const std::vector<int32_t>& rows,
                       const std::vector<float>& coef, const float* bp, float* yp) {
   const int64_t num_rows = static_cast<int64_t>(rows.size());
   at::parallel_for(0, out / kTile, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float acc[kMaxGroup * kTile];
-    for (int64_t b = b0; b < b1; ++b) {
+    alignas(64) float acc[std::max(kMaxGroup, kTilesAtOnce) * kTile];
+    for (int64_t b = b0; b < b1;) {
+#if defined(__AVX512F__)
+      if (tokens == 1 && b + kTilesAtOnce <= b1) {
+        single_token_tiles(tiles + b * in * kTile, in * kTile, rows.data(), coef.data(), num_rows, acc);
+        for (int64_t c = 0; c < kTilesAtOnce * kTile; ++c) yp[b * kTile + c] = acc[c] + (bp ? bp[b * kTile + c] : 0.0f);
+        b += kTilesAtOnce;
+        continue;
+      }
+#endif
       const W* tile = tiles + b * in * kTile;
       // Token groups re-read the tile's kept rows; after the first group they come from L2.
       for (int64_t t0 = 0; t0 < tokens; t0 += kMaxGroup) {
@@ -156,6 +198,7 @@ void accumulate_tiles(const W* tiles, int64_t in, int64_t out, int64_t tokens, c
           for (int64_t c = 0; c < kTile; ++c) dst[c] = acc[t * kTile + c] + (bp ? bp[b * kTile + c] : 0.0f);
         }
       }
+      ++b;
     }
   });
 }
