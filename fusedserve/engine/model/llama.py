@@ -90,9 +90,6 @@ class DenseTwin:
         """Whether steps of this size go to the faster path as measured (else always to the twin)."""
         return num_tokens < at_thread_count(self.from_tokens, torch.get_num_threads())
 
-    def takes(self, num_tokens: int) -> bool:
-        return not self.timed(num_tokens) or self.timings.prefers_twin(torch.get_num_threads(), num_tokens)
-
 
 class LlamaModel:
     def __init__(
@@ -139,14 +136,15 @@ class LlamaModel:
         twin = self.dense_twin
         if twin is None:
             return self._forward_layers(input_ids, batch, key_caches, value_caches)
-        num_tokens, started = input_ids.shape[0], time.perf_counter()
-        to_twin = twin.takes(num_tokens)
+        num_tokens, threads, started = input_ids.shape[0], torch.get_num_threads(), time.perf_counter()
+        timed = twin.timed(num_tokens)
+        to_twin = not timed or twin.timings.prefers_twin(threads, num_tokens)
         if to_twin:
             hidden = twin.model.forward(input_ids, batch, key_caches, value_caches) @ twin.to_final_basis
         else:
             hidden = self._forward_layers(input_ids, batch, key_caches, value_caches)
-        if twin.timed(num_tokens):
-            twin.timings.record(torch.get_num_threads(), num_tokens, to_twin, time.perf_counter() - started)
+        if timed:
+            twin.timings.record(threads, num_tokens, to_twin, time.perf_counter() - started)
         return hidden
 
     def _forward_layers(

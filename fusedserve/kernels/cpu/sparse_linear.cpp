@@ -4,7 +4,8 @@
 // input channel is 256 (fp32) or 128 (bf16) contiguous bytes per tile and the kept rows of a tile are read in
 // address order. For a
 // batch the kernel reads each row of the union of kept channels once per tile and accumulates it, in registers,
-// into every token of a group of up to six (AVX-512 where compiled for it, portable loops otherwise);
+// into every token of a group of up to six (AVX-512 where compiled for it, portable loops otherwise; a single
+// token walks four tiles' kept rows together, see single_token_tiles);
 // when the union is larger than `max_union_fraction` of the inputs it returns the top-k-masked input instead, for
 // the caller's dense linear (same values up to rounding). Work is split over output tiles with at::parallel_for
 // (torch's thread count); accumulation is fp32 for both weight types.
