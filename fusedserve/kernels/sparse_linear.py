@@ -134,6 +134,9 @@ class TopKSparseLinear:
         self.backend, self._ext = resolve_backend(backend, weight)
         self.stats = SparseLinearStats()
         self._union_table = union_table  # None: MAX_UNION_FRACTION_CPP at the calling thread's thread count
+        # (rows, threads) -> the largest union the sparse path may take, or None where it surely goes dense:
+        # decided once per step shape, since a decode step calls every sparse layer with the same shape.
+        self._limits: dict[tuple[int, int], float | None] = {}
         if self._ext is not None:
             # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 64 contiguous weights per tile.
             tiles = self.out_features // CPP_TILE
@@ -157,13 +160,34 @@ class TopKSparseLinear:
 
             return use_sparse_gemv(rows, self.k, self.in_features)
         if self._ext is not None:
-            # Where the union will surely exceed the break-even limit, sparse cannot pay: skip the selection.
-            fraction = max_union_fraction(self.union_table(threads), rows) if rows <= SPARSE_MAX_ROWS else 0.0
-            return expected_union(self.k, self.in_features, rows) <= fraction
+            return self._union_limit(rows, threads if threads is not None else torch.get_num_threads()) is not None
         return rows == 1 and self.k <= MAX_KEPT_FRACTION_TORCH * self.in_features
+
+    def _union_limit(self, rows: int, threads: int) -> float | None:
+        """The C++ path's largest acceptable union for `rows` tokens at `threads` threads, or None where the
+        expected union already exceeds it (sparse cannot pay: skip the selection and go dense)."""
+        key = (rows, threads)
+        if key not in self._limits:
+            fraction = max_union_fraction(self.union_table(threads), rows) if rows <= SPARSE_MAX_ROWS else 0.0
+            surely_dense = expected_union(self.k, self.in_features, rows) > fraction
+            self._limits[key] = None if surely_dense else fraction
+        return self._limits[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self._ext is not None:  # the CPU decode path first: it runs ~120 times per step
+            limit = self._union_limit(rows, torch.get_num_threads())
+            if limit is None:
+                return self._dense_path(x)
+            # fp32 or bf16 in, the same dtype out (the kernel widens and rounds itself: no extra torch ops)
+            out, used_sparse = self._ext.topk_sparse_linear(x, self.weight_tiles, self.bias, self.k, limit)
+            if used_sparse:
+                self.stats.sparse_calls += 1
+                return out
+            if self.mask_dense_path:
+                self._count(False)
+                return self.dense(out)  # the extension hands back TopK_k(x) when it declines
+            return self._dense_path(x)
         if not self.may_take_sparse_path(rows):
             return self._dense_path(x)
         if x.device.type == "cuda":
@@ -171,16 +195,6 @@ class TopKSparseLinear:
 
             self._count(True)
             return topk_sparse_gemv(x, self.weight_t, self.bias, self.k)
-        if self._ext is not None:
-            fraction = max_union_fraction(self.union_table(), rows)
-            out, used_sparse = self._ext.topk_sparse_linear(x.float(), self.weight_tiles, self.bias, self.k, fraction)
-            if used_sparse:
-                self._count(True)
-                return out.to(x.dtype)
-            if self.mask_dense_path:
-                self._count(False)
-                return self.dense(out.to(x.dtype))  # the extension hands back TopK_k(x) when it declines
-            return self._dense_path(x)
         self._count(True)
         xf = x.float()
         index = xf.abs().topk(self.k, dim=-1, sorted=False).indices

@@ -195,3 +195,20 @@ def test_bf16_activations_take_either_path_and_come_back_bf16(backend: str) -> N
     torch.testing.assert_close(sparse.double(), expected, rtol=2e-2, atol=5e-2)
     dense = layer(torch.randn(32, 160).bfloat16())  # too many rows for the sparse path
     assert dense.dtype == torch.bfloat16 and layer.stats.dense_calls == 1
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, 5])
+def test_cpp_kernel_takes_bf16_input_and_answers_in_bf16_on_both_outcomes(rows: int) -> None:
+    """The kernel widens a bf16 input itself: the sparse result and the declined (masked) input come back bf16
+    and equal what the fp32 call computes on the same (bf16-representable) values."""
+    ext = load_sparse_linear_extension()
+    weight, bias = make()
+    layer = TopKSparseLinear(weight, bias, 40, backend="cpp")
+    x = torch.randn(rows, 160).bfloat16()
+    for limit in (2.0, 0.0):  # 2.0: always sparse; 0.0: always declined
+        got, used_sparse = ext.topk_sparse_linear(x, layer.weight_tiles, bias, 40, limit)
+        want, want_sparse = ext.topk_sparse_linear(x.float(), layer.weight_tiles, bias, 40, limit)
+        assert used_sparse == want_sparse == (limit > 1.0)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)

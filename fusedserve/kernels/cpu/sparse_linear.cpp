@@ -207,17 +207,22 @@ void accumulate_tiles(const W* tiles, int64_t in, int64_t out, int64_t tokens, c
 }  // namespace
 
 // Returns (y [T, out], true) from the sparse path, or (TopK_k(x) [T, in], false) when the union of kept channels
-// exceeds max_union_fraction * in: the caller then runs its dense linear on the masked input. x [T, in] fp32;
+// exceeds max_union_fraction * in: the caller then runs its dense linear on the masked input. x [T, in] fp32 or
+// bf16 (both results come back in x's dtype);
 // wtile [out / 64, in, 64] fp32 or bf16 (accumulation is fp32 either way); bias [out] or None; k kept per token.
 std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const torch::Tensor& wtile,
                                                    const c10::optional<torch::Tensor>& bias, int64_t k,
                                                    double max_union_fraction) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [T, in] float32");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be [T, in] float32 or bfloat16");
   const bool bf16_tiles = wtile.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.is_contiguous() &&
                   (bf16_tiles || wtile.scalar_type() == torch::kFloat32),
               "wtile must be [out / 64, in, 64] float32 or bfloat16, contiguous");
-  const auto xc = x.contiguous();
+  // A bf16 input (a mixed-precision model's blocks) is widened here and the result rounded back below: two
+  // conversions inside one call instead of two more torch ops around every sparse linear of a decode step.
+  const auto input_dtype = x.scalar_type();
+  const auto xc = x.to(torch::kFloat32).contiguous();
   const int64_t tokens = xc.size(0), in = xc.size(1), out = wtile.size(0) * kTile;
   TORCH_CHECK(wtile.size(1) == in, "wtile rows must equal x columns");
   k = std::max<int64_t>(0, std::min<int64_t>(k, in));
@@ -240,7 +245,7 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
     auto masked = torch::empty_like(xc);
     float* mp = masked.data_ptr<float>();
     for (int64_t n = 0; n < tokens * in; ++n) mp[n] = keep[n] ? xp[n] : 0.0f;
-    return {masked, false};
+    return {masked.to(input_dtype), false};
   }
 
   // Coefficients row-major over the union: coef[j][t] = x[t, rows[j]] if token t kept it, else 0.
@@ -259,7 +264,7 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
                      bp, y.data_ptr<float>());
   else
     accumulate_tiles(wtile.data_ptr<float>(), in, out, tokens, rows, coef, bp, y.data_ptr<float>());
-  return {y, true};
+  return {y.to(input_dtype), true};
 }
 
 // The top-k-masked input: x with all but the k largest-magnitude entries of each row set to zero (any row count).
