@@ -30,10 +30,11 @@ from fusedserve.engine.larosa.sparsity import SPARSE_MODULES, module_shapes
 from fusedserve.engine.llm_engine import load_model_for_engine
 from fusedserve.engine.manifest import read_manifest, update_manifest
 from fusedserve.engine.model.arch import LlamaArch
-from fusedserve.engine.model.llama import LlamaModel, rms_norm
+from fusedserve.engine.model.llama import LlamaModel
 from fusedserve.engine.model.loader import dense_linear_factory, load_llama, read_state_dict
 from fusedserve.kernels.attention import SlotBatch
 from fusedserve.kernels.linear import BF16_MIN_ROWS
+from fusedserve.kernels.norm_rope import rms_norm
 from fusedserve.kernels.sparse_linear import SPARSE_MAX_ROWS, TopKSparseLinear
 
 torch.set_num_threads(1)

@@ -24,12 +24,8 @@ from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.rope import RotaryEmbedding
 from fusedserve.kernels.attention import SlotBatch, attend, write_kv
 from fusedserve.kernels.linear import Linear
+from fusedserve.kernels.norm_rope import apply_rope, rms_norm
 from fusedserve.kernels.sparse_linear import at_thread_count
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return normed if weight is None else normed * weight
 
 
 @dataclass
@@ -157,18 +153,18 @@ class LlamaModel:
         arch = self.arch
         compute_dtype = self.compute_dtype(input_ids.shape[0])
         hidden = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = (table.to(compute_dtype) for table in self.rope.tables(batch.position_of_token))
+        cos, sin = self.rope.tables(batch.position_of_token)
         for layer, key_cache, value_cache in zip(self.layers, key_caches, value_caches, strict=True):
             if layer.residual_adapter is not None:
                 hidden = hidden @ layer.residual_adapter
-            x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps).to(compute_dtype)
+            x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps, compute_dtype)
             q, k, v = layer.qkv_proj(x).split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-            q = RotaryEmbedding.apply(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
-            k = RotaryEmbedding.apply(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
+            q = apply_rope(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
+            k = apply_rope(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
             write_kv(key_cache, value_cache, k, v.view(-1, arch.num_kv_heads, arch.head_dim), batch)
             attn = attend(q, key_cache, value_cache, batch, self.scale)
             hidden = hidden + layer.o_proj(attn)  # a bf16 block output promotes to the fp32 residual here
-            x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps).to(compute_dtype)
+            x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps, compute_dtype)
             gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)
             hidden = hidden + layer.down_proj(F.silu(gate) * up)
         return rms_norm(hidden, self.final_norm, arch.rms_norm_eps)

@@ -39,7 +39,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin tables up to `max_positions`; apply() rotates q or k of shape [T, heads, head_dim]."""
+    """Precomputed cos/sin tables up to `max_positions`; kernels.norm_rope.apply_rope rotates q and k with them."""
 
     def __init__(
         self, arch: LlamaArch, max_positions: int, dtype: torch.dtype, device: torch.device | str = "cpu"
@@ -50,10 +50,5 @@ class RotaryEmbedding:
         self.sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(device=device, dtype=dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        """cos and sin [T, head_dim] at each token's position, for kernels.norm_rope.apply_rope."""
+        return self.cos[positions], self.sin[positions]
