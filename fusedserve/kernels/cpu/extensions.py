@@ -32,6 +32,8 @@ def load_cpp_extension(source_name: str) -> ModuleType | None:
     """The compiled module for `source_name` (a .cpp beside this file), or None where it cannot be had."""
     if os.environ.get(DISABLE_ENV) == "1":
         return None
+    if source_name in _loaded:  # the hot path: model code asks per call, so no lock once built
+        return _loaded[source_name]
     with _lock:
         if source_name not in _loaded:
             _loaded[source_name] = _build(Path(__file__).with_name(source_name))
