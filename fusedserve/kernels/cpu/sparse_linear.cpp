@@ -143,6 +143,8 @@ void run_group(int group, const W* tile, const int32_t* rows, const float* coef,
 // step is bound by how many DRAM reads are in flight, not by arithmetic; walking the same kept rows of several
 // tiles together keeps several streams going where one tile at a time keeps one (SmolLM2 decode at batch 1, 50%,
 // 1 thread: 1.09x -> 1.28x over dense per step; 8 tiles at once measured the same, with 32 accumulators).
+// Its prefetches go to L2 (T1), not L1: 32 lines ahead would fill L1's few miss buffers and stall the loads
+// that are due now (-5% kernel time here at one token; the multi-token kernel measured slower with T1, so keeps T0).
 constexpr int64_t kTilesAtOnce = 4;
 #if defined(__AVX512F__)
 template <typename W>
@@ -157,7 +159,7 @@ void single_token_tiles(const W* first_tile, int64_t tile_stride, const int32_t*
       const int64_t ahead = static_cast<int64_t>(rows[j + kPrefetch]) * kTile;
       for (int b = 0; b < kTilesAtOnce; ++b) {
         const char* line = reinterpret_cast<const char*>(first_tile + b * tile_stride + ahead);
-        for (int l = 0; l < kLines; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);
+        for (int l = 0; l < kLines; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T1);
       }
     }
     const __m512 a = _mm512_set1_ps(coef[j]);
