@@ -8,6 +8,10 @@ where fp32 sgemm is at its worst. BF16_MIN_ROWS keeps the switch point a measure
 always uses the bf16 copy and returns bf16: the model hands its blocks' inputs over in bf16 already (one cast
 per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
 implement the same interface.
+A single token (batch-1 decode) does not go to oneDNN: the bf16 weights are also kept in the sparse kernel's
+input-major tiles and streamed by its dense entry (kernels/cpu/sparse_linear.cpp, tiled_linear), which measured
+1.6-1.9x faster than oneDNN's bf16 product from DRAM on SmolLM2's shapes and a whole batch-1 decode step 35.7 ->
+27.6 ms (1 thread). It is also the fair baseline for LaRoSA's sparse path, which reads the same tiles.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import torch.nn.functional as F
 
 # Rows at or above which the bf16 copy wins; measured by benchmarks/decode_dtype.py (docs/results/decode_dtype.json).
 BF16_MIN_ROWS = 1
+# Tokens per call up to which the tiled GEMV serves instead of oneDNN (measured at 1; batches keep oneDNN/AMX).
+TILED_MAX_ROWS = 1
+TILE = 64  # output columns per tile, as the C++ kernel expects
 # The bf16 copy is stored pre-packed in oneDNN's blocked layout for this batch size: F.linear re-packs a plain
 # weight on every call, which measured 25-35% of a decode step's linear time at 32 rows (same results).
 PACKED_FOR_ROWS = 32
@@ -42,16 +49,32 @@ class DenseLinear:
         use_copy = bf16_min_rows is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
         self._bf16_weight = _packed_bf16(self.weight) if use_copy else None
         self._bf16_bias = bias.to(torch.bfloat16) if (use_copy and bias is not None) else None
+        self._tiled = _tiled_kernel() if use_copy and self.out_features % TILE == 0 else None
+        # [out / 64, in, 64]: tile b holds W^T[:, 64b:64b+64] (the layout TopKSparseLinear reads)
+        self._bf16_tiles = (
+            self.weight.t().reshape(self.in_features, -1, TILE).permute(1, 0, 2).to(torch.bfloat16).contiguous()
+            if self._tiled is not None
+            else None
+        )
         # Rows from which this layer computes in bf16; None: it always computes in its weights' dtype.
         self.bf16_min_rows: int | None = (bf16_min_rows or 0) if use_copy else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tiled is not None and x.shape[0] <= TILED_MAX_ROWS:
+            return self._tiled.tiled_linear(x, self._bf16_tiles, self.bias)  # bf16 weights, fp32 sums, x's dtype
         if self._bf16_weight is not None:
             if x.dtype == torch.bfloat16:
                 return _bf16_linear(x, self._bf16_weight, self._bf16_bias)
             if x.shape[0] >= (self.bf16_min_rows or 0):
                 return _bf16_linear(x.to(torch.bfloat16), self._bf16_weight, self._bf16_bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+
+def _tiled_kernel():
+    """The C++ module with tiled_linear, or None without a compiler (oneDNN then serves every row count)."""
+    from fusedserve.kernels.cpu.extensions import load_cpp_extension
+
+    return load_cpp_extension("sparse_linear.cpp")
 
 
 def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:

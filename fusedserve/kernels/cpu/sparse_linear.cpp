@@ -269,6 +269,36 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
   return {y.to(input_dtype), true};
 }
 
+// The dense product y = x @ W^T + b over the same tiles (every row kept, no selection): x [T, in] fp32 or bf16,
+// y in x's dtype. At one token it streams the bf16 tiles through the four-tile walk, which measured 1.6-1.9x
+// faster than oneDNN's bf16 product on the model's shapes from DRAM (engine's DenseLinear uses it for 1 row).
+torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& wtile, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be [T, in] float32 or bfloat16");
+  const bool bf16_tiles = wtile.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.is_contiguous() &&
+                  (bf16_tiles || wtile.scalar_type() == torch::kFloat32),
+              "wtile must be [out / 64, in, 64] float32 or bfloat16, contiguous");
+  const auto xc = x.to(torch::kFloat32).contiguous();
+  const int64_t tokens = xc.size(0), in = xc.size(1), out = wtile.size(0) * kTile;
+  TORCH_CHECK(wtile.size(1) == in, "wtile rows must equal x columns");
+  std::vector<int32_t> rows(static_cast<size_t>(in));
+  for (int64_t i = 0; i < in; ++i) rows[i] = static_cast<int32_t>(i);
+  std::vector<float> coef(static_cast<size_t>(in * tokens));  // coef[j][t] = x[t, j]
+  const float* xp = xc.data_ptr<float>();
+  for (int64_t j = 0; j < in; ++j)
+    for (int64_t t = 0; t < tokens; ++t) coef[j * tokens + t] = xp[t * in + j];
+  auto y = torch::empty({tokens, out}, xc.options());
+  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous().to(torch::kFloat32) : torch::Tensor();
+  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  if (bf16_tiles)
+    accumulate_tiles(reinterpret_cast<const uint16_t*>(wtile.data_ptr<at::BFloat16>()), in, out, tokens, rows, coef,
+                     bp, y.data_ptr<float>());
+  else
+    accumulate_tiles(wtile.data_ptr<float>(), in, out, tokens, rows, coef, bp, y.data_ptr<float>());
+  return y.to(x.scalar_type());
+}
+
 // The top-k-masked input: x with all but the k largest-magnitude entries of each row set to zero (any row count).
 torch::Tensor topk_mask(const torch::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [T, in] float32");
@@ -292,5 +322,6 @@ torch::Tensor topk_mask(const torch::Tensor& x, int64_t k) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_sparse_linear", &topk_sparse_linear, "top-k sparse linear (tiled input-major weights) or the masked input");
+  m.def("tiled_linear", &tiled_linear, "dense x @ W^T + b over the same tiles (every row)");
   m.def("topk_mask", &topk_mask, "zero all but the k largest-magnitude entries of each row");
 }

@@ -1,0 +1,50 @@
+"""The dense linear's per-row-count kernels: tiled GEMV at one token, oneDNN bf16 above, fp32 where asked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedserve.kernels.linear import TILED_MAX_ROWS, DenseLinear
+from fusedserve.kernels.sparse_linear import load_sparse_linear_extension
+
+needs_cpp = pytest.mark.skipif(load_sparse_linear_extension() is None, reason="C++ extension unavailable")
+
+
+def weights(out_features: int = 192, in_features: int = 160) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(out_features, in_features, generator=gen), torch.randn(out_features, generator=gen)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_runs_the_tiled_gemv_on_bf16_weights_with_fp32_sums(dtype: torch.dtype) -> None:
+    weight, bias = weights()
+    layer = DenseLinear(weight, bias)
+    assert layer._bf16_tiles is not None and TILED_MAX_ROWS >= 1
+    x = torch.randn(1, 160).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype and got.shape == (1, 192)
+    # Exactly the product with bf16-rounded weights (x as given), summed in fp32, then rounded to x's dtype.
+    expected = (x.double() @ weight.bfloat16().double().T + bias.double()).to(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-2}
+    torch.testing.assert_close(got, expected, **tolerance)
+
+
+@needs_cpp
+def test_tiled_gemv_changes_only_weight_rounding_against_onednn_on_two_rows() -> None:
+    """Row 0 alone (tiled) and rows 0-1 together (oneDNN bf16) agree to bf16 rounding."""
+    weight, bias = weights()
+    layer = DenseLinear(weight, bias)
+    x = torch.randn(2, 160)
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1], rtol=2e-2, atol=5e-2)
+
+
+def test_fp32_layers_and_odd_widths_keep_no_tiles() -> None:
+    weight, bias = weights()
+    exact = DenseLinear(weight, bias, bf16_min_rows=None)  # fp32 throughout (calibration, quality runs)
+    assert exact._bf16_tiles is None
+    x = torch.randn(1, 160)
+    torch.testing.assert_close(exact(x), x @ weight.T + bias)
+    odd = DenseLinear(torch.randn(100, 160))  # 100 output columns: not whole 64-column tiles, oneDNN serves
+    assert odd._bf16_tiles is None and odd(x).shape == (1, 100)
