@@ -8,10 +8,11 @@ where fp32 sgemm is at its worst. BF16_MIN_ROWS keeps the switch point a measure
 always uses the bf16 copy and returns bf16: the model hands its blocks' inputs over in bf16 already (one cast
 per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
 implement the same interface.
-A single token (batch-1 decode) does not go to oneDNN: the bf16 weights are also kept in the sparse kernel's
-input-major tiles and streamed by its dense entry (kernels/cpu/sparse_linear.cpp, tiled_linear), which measured
-1.6-1.9x faster than oneDNN's bf16 product from DRAM on SmolLM2's shapes and a whole batch-1 decode step 35.7 ->
-27.6 ms (1 thread). It is also the fair baseline for LaRoSA's sparse path, which reads the same tiles.
+Up to TILED_MAX_ROWS tokens (small decode batches) do not go to oneDNN: the bf16 weights are also kept in the
+sparse kernel's input-major tiles and streamed by its dense entry (kernels/cpu/sparse_linear.cpp, tiled_linear),
+which measured 1.6-1.9x faster than oneDNN's bf16 product from DRAM on SmolLM2's shapes at one token, and a whole
+batch-1 decode step 35.7 -> 27.6 ms (1 thread). It is also the fair baseline for LaRoSA's sparse path, which
+reads the same tiles.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 
 # Rows at or above which the bf16 copy wins; measured by benchmarks/decode_dtype.py (docs/results/decode_dtype.json).
 BF16_MIN_ROWS = 1
-# Tokens per call up to which the tiled GEMV serves instead of oneDNN (measured at 1; batches keep oneDNN/AMX).
-TILED_MAX_ROWS = 1
+# Tokens per call up to which the tiled GEMV serves instead of oneDNN. Measured per layer of SmolLM2 from DRAM,
+# 1 thread: 2 rows 648 vs 839 us, 3 rows 696 vs 841, 4 rows 703 vs 832; larger batches keep oneDNN/AMX.
+TILED_MAX_ROWS = 4
 TILE = 64  # output columns per tile, as the C++ kernel expects
 # The bf16 copy is stored pre-packed in oneDNN's blocked layout for this batch size: F.linear re-packs a plain
 # weight on every call, which measured 25-35% of a decode step's linear time at 32 rows (same results).

@@ -32,12 +32,14 @@ def test_one_token_runs_the_tiled_gemv_on_bf16_weights_with_fp32_sums(dtype: tor
 
 
 @needs_cpp
-def test_tiled_gemv_changes_only_weight_rounding_against_onednn_on_two_rows() -> None:
-    """Row 0 alone (tiled) and rows 0-1 together (oneDNN bf16) agree to bf16 rounding."""
+def test_tiled_gemv_changes_only_weight_rounding_against_onednn_above_its_row_limit() -> None:
+    """Row 0 alone (tiled) and a batch past TILED_MAX_ROWS (oneDNN bf16) agree to bf16 rounding."""
     weight, bias = weights()
     layer = DenseLinear(weight, bias)
-    x = torch.randn(2, 160)
-    torch.testing.assert_close(layer(x[:1]), layer(x)[:1], rtol=2e-2, atol=5e-2)
+    x = torch.randn(TILED_MAX_ROWS + 1, 160)
+    # Outputs reach ~50 here; oneDNN also rounds x to bf16, so allow a few bf16 ulps of the output scale.
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1], rtol=2e-2, atol=0.3)
+    torch.testing.assert_close(layer(x[:TILED_MAX_ROWS]), layer(x)[:TILED_MAX_ROWS], rtol=2e-2, atol=0.3)
 
 
 def test_fp32_layers_and_odd_widths_keep_no_tiles() -> None:
