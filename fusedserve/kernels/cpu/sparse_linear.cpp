@@ -206,6 +206,22 @@ void accumulate_tiles(const W* tiles, int64_t in, int64_t out, int64_t tokens, c
   });
 }
 
+// y [T, out] fp32 = sum over `rows` of coef * tile rows (+ bias), for either tile dtype.
+torch::Tensor tiles_product(const torch::Tensor& wtile, const torch::TensorOptions& options, int64_t tokens,
+                            const std::vector<int32_t>& rows, const std::vector<float>& coef,
+                            const c10::optional<torch::Tensor>& bias) {
+  const int64_t in = wtile.size(1), out = wtile.size(0) * kTile;
+  auto y = torch::empty({tokens, out}, options);
+  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous().to(torch::kFloat32) : torch::Tensor();
+  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  if (wtile.scalar_type() == torch::kBFloat16)
+    accumulate_tiles(reinterpret_cast<const uint16_t*>(wtile.data_ptr<at::BFloat16>()), in, out, tokens, rows, coef,
+                     bp, y.data_ptr<float>());
+  else
+    accumulate_tiles(wtile.data_ptr<float>(), in, out, tokens, rows, coef, bp, y.data_ptr<float>());
+  return y;
+}
+
 }  // namespace
 
 // Returns (y [T, out], true) from the sparse path, or (TopK_k(x) [T, in], false) when the union of kept channels
@@ -258,14 +274,7 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
       coef[j * tokens + t] = keep[n] ? xp[n] : 0.0f;
     }
 
-  auto y = torch::empty({tokens, out}, xc.options());
-  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous().to(torch::kFloat32) : torch::Tensor();
-  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  if (bf16_tiles)
-    accumulate_tiles(reinterpret_cast<const uint16_t*>(wtile.data_ptr<at::BFloat16>()), in, out, tokens, rows, coef,
-                     bp, y.data_ptr<float>());
-  else
-    accumulate_tiles(wtile.data_ptr<float>(), in, out, tokens, rows, coef, bp, y.data_ptr<float>());
+  auto y = tiles_product(wtile, xc.options(), tokens, rows, coef, bias);
   return {y.to(input_dtype), true};
 }
 
@@ -288,14 +297,7 @@ torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& wtile, c
   const float* xp = xc.data_ptr<float>();
   for (int64_t j = 0; j < in; ++j)
     for (int64_t t = 0; t < tokens; ++t) coef[j * tokens + t] = xp[t * in + j];
-  auto y = torch::empty({tokens, out}, xc.options());
-  const auto bias_c = bias.has_value() && bias->defined() ? bias->contiguous().to(torch::kFloat32) : torch::Tensor();
-  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  if (bf16_tiles)
-    accumulate_tiles(reinterpret_cast<const uint16_t*>(wtile.data_ptr<at::BFloat16>()), in, out, tokens, rows, coef,
-                     bp, y.data_ptr<float>());
-  else
-    accumulate_tiles(wtile.data_ptr<float>(), in, out, tokens, rows, coef, bp, y.data_ptr<float>());
+  auto y = tiles_product(wtile, xc.options(), tokens, rows, coef, bias);
   return y.to(x.scalar_type());
 }
 
