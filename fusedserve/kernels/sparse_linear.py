@@ -182,7 +182,7 @@ class TopKSparseLinear:
             # fp32 or bf16 in, the same dtype out (the kernel widens and rounds itself: no extra torch ops)
             out, used_sparse = self._ext.topk_sparse_linear(x, self.weight_tiles, self.bias, self.k, limit)
             if used_sparse:
-                self.stats.sparse_calls += 1
+                self._count(True)
                 return out
             if self.mask_dense_path:
                 self._count(False)

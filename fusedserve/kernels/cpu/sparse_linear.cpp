@@ -222,6 +222,18 @@ torch::Tensor tiles_product(const torch::Tensor& wtile, const torch::TensorOptio
   return y;
 }
 
+// Checks both entries' arguments and returns x as contiguous fp32 [T, in].
+torch::Tensor widened_input(const torch::Tensor& x, const torch::Tensor& wtile) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be [T, in] float32 or bfloat16");
+  const bool bf16_tiles = wtile.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.is_contiguous() &&
+                  (bf16_tiles || wtile.scalar_type() == torch::kFloat32),
+              "wtile must be [out / 64, in, 64] float32 or bfloat16, contiguous");
+  TORCH_CHECK(wtile.size(1) == x.size(1), "wtile rows must equal x columns");
+  return x.to(torch::kFloat32).contiguous();
+}
+
 }  // namespace
 
 // Returns (y [T, out], true) from the sparse path, or (TopK_k(x) [T, in], false) when the union of kept channels
@@ -231,18 +243,11 @@ torch::Tensor tiles_product(const torch::Tensor& wtile, const torch::TensorOptio
 std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const torch::Tensor& wtile,
                                                    const c10::optional<torch::Tensor>& bias, int64_t k,
                                                    double max_union_fraction) {
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "x must be [T, in] float32 or bfloat16");
-  const bool bf16_tiles = wtile.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.is_contiguous() &&
-                  (bf16_tiles || wtile.scalar_type() == torch::kFloat32),
-              "wtile must be [out / 64, in, 64] float32 or bfloat16, contiguous");
   // A bf16 input (a mixed-precision model's blocks) is widened here and the result rounded back below: two
   // conversions inside one call instead of two more torch ops around every sparse linear of a decode step.
   const auto input_dtype = x.scalar_type();
-  const auto xc = x.to(torch::kFloat32).contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1), out = wtile.size(0) * kTile;
-  TORCH_CHECK(wtile.size(1) == in, "wtile rows must equal x columns");
+  const auto xc = widened_input(x, wtile);
+  const int64_t tokens = xc.size(0), in = xc.size(1);
   k = std::max<int64_t>(0, std::min<int64_t>(k, in));
   const float* xp = xc.data_ptr<float>();
 
@@ -282,15 +287,8 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
 // y in x's dtype. At one token it streams the bf16 tiles through the four-tile walk, which measured 1.6-1.9x
 // faster than oneDNN's bf16 product on the model's shapes from DRAM (engine's DenseLinear uses it for 1 row).
 torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& wtile, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "x must be [T, in] float32 or bfloat16");
-  const bool bf16_tiles = wtile.scalar_type() == torch::kBFloat16;
-  TORCH_CHECK(wtile.dim() == 3 && wtile.size(2) == kTile && wtile.is_contiguous() &&
-                  (bf16_tiles || wtile.scalar_type() == torch::kFloat32),
-              "wtile must be [out / 64, in, 64] float32 or bfloat16, contiguous");
-  const auto xc = x.to(torch::kFloat32).contiguous();
-  const int64_t tokens = xc.size(0), in = xc.size(1), out = wtile.size(0) * kTile;
-  TORCH_CHECK(wtile.size(1) == in, "wtile rows must equal x columns");
+  const auto xc = widened_input(x, wtile);
+  const int64_t tokens = xc.size(0), in = xc.size(1);
   std::vector<int32_t> rows(static_cast<size_t>(in));
   for (int64_t i = 0; i < in; ++i) rows[i] = static_cast<int32_t>(i);
   std::vector<float> coef(static_cast<size_t>(in * tokens));  // coef[j][t] = x[t, j]
