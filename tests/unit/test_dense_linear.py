@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedserve.kernels.linear import TILED_MAX_ROWS, DenseLinear
+from fusedserve.kernels.linear import TILED_MAX_ROWS, DenseLinear, ResidualAdapter
 from fusedserve.kernels.sparse_linear import load_sparse_linear_extension
 
 needs_cpp = pytest.mark.skipif(load_sparse_linear_extension() is None, reason="C++ extension unavailable")
@@ -21,7 +21,7 @@ def weights(out_features: int = 192, in_features: int = 160) -> tuple[torch.Tens
 def test_one_token_runs_the_tiled_gemv_on_bf16_weights_with_fp32_sums(dtype: torch.dtype) -> None:
     weight, bias = weights()
     layer = DenseLinear(weight, bias)
-    assert layer._bf16_tiles is not None and TILED_MAX_ROWS >= 1
+    assert layer.bf16_tiles is not None and TILED_MAX_ROWS >= 1
     x = torch.randn(1, 160).to(dtype)
     got = layer(x)
     assert got.dtype == dtype and got.shape == (1, 192)
@@ -45,8 +45,23 @@ def test_tiled_gemv_changes_only_weight_rounding_against_onednn_above_its_row_li
 def test_fp32_layers_and_odd_widths_keep_no_tiles() -> None:
     weight, bias = weights()
     exact = DenseLinear(weight, bias, bf16_min_rows=None)  # fp32 throughout (calibration, quality runs)
-    assert exact._bf16_tiles is None
+    assert exact.bf16_tiles is None
     x = torch.randn(1, 160)
     torch.testing.assert_close(exact(x), x @ weight.T + bias)
     odd = DenseLinear(torch.randn(100, 160))  # 100 output columns: not whole 64-column tiles, oneDNN serves
-    assert odd._bf16_tiles is None and odd(x).shape == (1, 100)
+    assert odd.bf16_tiles is None and odd(x).shape == (1, 100)
+
+
+@needs_cpp
+def test_residual_adapter_rounds_its_weights_to_bf16_only_for_small_steps() -> None:
+    """The residual stream stays fp32 either way; small steps use a bf16 copy of A (fp32 sums), larger ones A."""
+    gen = torch.Generator().manual_seed(5)
+    matrix = torch.linalg.qr(torch.randn(128, 128, generator=gen, dtype=torch.float64))[0].float()
+    hidden = torch.randn(TILED_MAX_ROWS + 1, 128, generator=gen) * 4
+    adapter = ResidualAdapter(matrix, bf16_small_steps=True)
+    small = adapter(hidden[:1])
+    assert small.dtype == torch.float32
+    torch.testing.assert_close(small.double(), hidden[:1].double() @ matrix.bfloat16().double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter(hidden), hidden @ matrix)  # past TILED_MAX_ROWS: the exact fp32 product
+    exact = ResidualAdapter(matrix, bf16_small_steps=False)
+    torch.testing.assert_close(exact(hidden[:1]), hidden[:1] @ matrix)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.rope import RotaryEmbedding
 from fusedserve.kernels.attention import SlotBatch, attend, write_kv
-from fusedserve.kernels.linear import Linear
+from fusedserve.kernels.linear import Linear, ResidualAdapter
 from fusedserve.kernels.norm_rope import apply_rope, rms_norm
 from fusedserve.kernels.sparse_linear import at_thread_count
 
@@ -110,6 +110,12 @@ class LlamaModel:
         # The KV cache's dtype, for whoever allocates it: bf16 for a mixed-precision model (see the module doc).
         self.kv_dtype = torch.bfloat16 if self._bf16_from_rows is not None else embed_tokens.dtype
         self.dense_twin: DenseTwin | None = None
+        # A mixed-precision model rounds its adapters' weights to bf16 for small steps, like its linears'.
+        mixed = self._bf16_from_rows is not None
+        self._adapters = [
+            None if layer.residual_adapter is None else ResidualAdapter(layer.residual_adapter, mixed)
+            for layer in layers
+        ]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -154,9 +160,11 @@ class LlamaModel:
         compute_dtype = self.compute_dtype(input_ids.shape[0])
         hidden = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rope.tables(batch.position_of_token)
-        for layer, key_cache, value_cache in zip(self.layers, key_caches, value_caches, strict=True):
-            if layer.residual_adapter is not None:
-                hidden = hidden @ layer.residual_adapter
+        for layer, adapter, key_cache, value_cache in zip(
+            self.layers, self._adapters, key_caches, value_caches, strict=True
+        ):
+            if adapter is not None:
+                hidden = adapter(hidden)
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps, compute_dtype)
             q, k, v = layer.qkv_proj(x).split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = apply_rope(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
