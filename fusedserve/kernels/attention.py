@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedserve.kernels.cpu.extensions import load_cpp_extension
+from fusedserve.kernels.norm_rope import apply_rope
 
 
 @dataclass
@@ -71,6 +72,34 @@ def write_kv(
     # Indexed assignment, not index_put_: on the strided views of a vAttention cache index_put_ measured 20x slower.
     key_cache[batch.slot_of_token, batch.position_of_token] = k.to(key_cache.dtype)
     value_cache[batch.slot_of_token, batch.position_of_token] = v.to(value_cache.dtype)
+
+
+def rope_and_store_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    batch: SlotBatch,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """Rotate q and k of a fused projection qkv [T, (H + 2 KVH) * D] by position (cos, sin [T, D]), store k and
+    v at each token's (slot, position) and return the rotated q [T, H, D]. On a CPU one C++ call does it all
+    (kernels/cpu/norm_rope.cpp); elsewhere split + apply_rope + write_kv."""
+    head_dim = key_cache.shape[-1]
+    if qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16) and qkv.stride(-1) == 1:
+        kernel = load_cpp_extension("norm_rope.cpp")
+        if kernel is not None and key_cache.stride(-1) == 1 and value_cache.stride(-1) == 1:
+            return kernel.rope_store_kv(
+                qkv, cos, sin, key_cache, value_cache, batch.slot_of_token, batch.position_of_token,
+                num_heads, num_kv_heads,
+            )
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = apply_rope(q.view(-1, num_heads, head_dim), cos, sin)
+    k = apply_rope(k.view(-1, num_kv_heads, head_dim), cos, sin)
+    write_kv(key_cache, value_cache, k, v.view(-1, num_kv_heads, head_dim), batch)
+    return q
 
 
 def attend(

@@ -1,4 +1,5 @@
-"""RMSNorm and rotary embeddings as the model calls them: one C++ call each on the CPU, torch elsewhere.
+"""RMSNorm, rotary embeddings and the other small per-block ops as the model calls them: one C++ call each on the
+CPU, torch elsewhere.
 
 The C++ kernels (kernels/cpu/norm_rope.cpp) compute in fp32 and round a bf16 result once; the torch expressions
 are the reference and serve other devices, other dtypes and hosts without a compiler.
@@ -7,6 +8,7 @@ are the reference and serve other devices, other dtypes and hosts without a comp
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fusedserve.kernels.cpu.extensions import load_cpp_extension
 
@@ -38,3 +40,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def add_rms_norm(
+    hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | None, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """hidden += delta in place (hidden: the fp32 residual stream [T, d], owned by the caller), then
+    rms_norm(hidden, weight) in `dtype`: the residual add and the next norm in one pass."""
+    kernel = _kernel(hidden)
+    if kernel is not None and hidden.dtype == torch.float32 and hidden.is_contiguous() and dtype in _CPP_DTYPES:
+        if delta.dtype in _CPP_DTYPES and delta.shape == hidden.shape:
+            return kernel.add_rms_norm(hidden, delta, weight, eps, dtype == torch.bfloat16)
+    hidden += delta
+    return rms_norm(hidden, weight, eps, dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate and up stacked along the last dimension ([T, 2 * inter] -> [T, inter])."""
+    kernel = _kernel(gate_up)
+    if kernel is not None and gate_up.dim() == 2:
+        return kernel.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.rope import RotaryEmbedding
-from fusedserve.kernels.attention import SlotBatch, attend, write_kv
+from fusedserve.kernels.attention import SlotBatch, attend, rope_and_store_kv
 from fusedserve.kernels.linear import Linear, ResidualAdapter
-from fusedserve.kernels.norm_rope import apply_rope, rms_norm
+from fusedserve.kernels.norm_rope import add_rms_norm, rms_norm, silu_mul
 from fusedserve.kernels.sparse_linear import at_thread_count
 
 
@@ -104,8 +104,6 @@ class LlamaModel:
         self.lm_head = lm_head
         self.rope = RotaryEmbedding(arch, max_positions, embed_tokens.dtype, embed_tokens.device)
         self.scale = arch.head_dim**-0.5
-        self._q_size = arch.num_heads * arch.head_dim
-        self._kv_size = arch.num_kv_heads * arch.head_dim
         self._bf16_from_rows = _shared_bf16_threshold(layers)
         # The KV cache's dtype, for whoever allocates it: bf16 for a mixed-precision model (see the module doc).
         self.kv_dtype = torch.bfloat16 if self._bf16_from_rows is not None else embed_tokens.dtype
@@ -166,15 +164,12 @@ class LlamaModel:
             if adapter is not None:
                 hidden = adapter(hidden)
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps, compute_dtype)
-            q, k, v = layer.qkv_proj(x).split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-            q = apply_rope(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
-            k = apply_rope(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
-            write_kv(key_cache, value_cache, k, v.view(-1, arch.num_kv_heads, arch.head_dim), batch)
+            qkv = layer.qkv_proj(x)
+            q = rope_and_store_kv(qkv, cos, sin, key_cache, value_cache, batch, arch.num_heads, arch.num_kv_heads)
             attn = attend(q, key_cache, value_cache, batch, self.scale)
-            hidden = hidden + layer.o_proj(attn)  # a bf16 block output promotes to the fp32 residual here
-            x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps, compute_dtype)
-            gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)
-            hidden = hidden + layer.down_proj(F.silu(gate) * up)
+            # hidden += o_proj(attn) in place (a bf16 block output widens into the fp32 residual), then the norm
+            x = add_rms_norm(hidden, layer.o_proj(attn), layer.post_attention_norm, arch.rms_norm_eps, compute_dtype)
+            hidden = hidden + layer.down_proj(silu_mul(layer.gate_up_proj(x)))
         return rms_norm(hidden, self.final_norm, arch.rms_norm_eps)
 
     def compute_dtype(self, num_tokens: int) -> torch.dtype:
