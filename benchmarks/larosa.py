@@ -9,7 +9,8 @@
 2. Speed: decode tokens/s of the model forward + LM head with a single-position KV write per sequence (context
    fixed at --context tokens), at batch 1, 2, 4, 8 and 16, dense vs LaRoSA 40% and 50%, with the engine's default
    mixed-precision dense layers. Configurations are interleaved round by round and each ratio is the median of
-   per-round ratios, so load from other processes on the shared cores hits all of them alike. Batch 1/2/4/8/16 at 1
+   per-round ratios, so load from other processes on the shared cores hits all of them alike; each is loaded twice,
+   in palindromic order, against a bias by load order and by place in the round (see speed()). Batch 1/2/4/8/16 at 1
    torch thread (the summary), batch 1/2/4 at 2 threads. LaRoSA runs with the allocation given by --speed-allocation.
 3. The union of kept channels per batch (LaRoSA vs unrotated), which decides the per-step sparse/dense choice.
 Writes docs/results/larosa.json (with a "summary" object) and a PNG; prints tables. Asserts nothing.
@@ -145,23 +146,29 @@ def speed(dense_dir: Path, larosa_dir: Path, plan: list[tuple[int, list[int]]], 
         attach_dense_twin(model, mixed)
         return model
 
-    benches = {name: DecodeBench(load(d, s), [largest], args.context) for name, (d, s) in configs.items()}
+    # Every configuration is loaded twice, in palindromic order (dense, 40, 50, 50, 40, dense), and each round
+    # runs them in that order, a step time being the sum over both copies. A model's speed here depended on when it
+    # was loaded (later copies of one folder ran up to 10% faster, in any order) and on its place in the round; with
+    # dense loaded first, LaRoSA's published ratios carried that bias (batch 4 on the dense twin read 1.05-1.12x).
+    order = list(configs) + list(reversed(configs))
+    benches = [(name, DecodeBench(load(*configs[name]), [largest], args.context)) for name in order]
     results: dict[str, dict] = {}
     for thread_count, batch_sizes in plan:
         torch.set_num_threads(thread_count)
         for b in batch_sizes:
-            for bench in benches.values():
+            for _, bench in benches:
                 bench.step_seconds(b, 2)  # warm-up
                 sparse_fraction(bench.model)
-            rounds: dict[str, list[float]] = {name: [] for name in benches}
-            for _ in range(args.rounds):
-                for name, bench in benches.items():
-                    rounds[name].append(bench.step_seconds(b, args.steps))
+            rounds: dict[str, list[float]] = {name: [0.0] * args.rounds for name in configs}
+            for r in range(args.rounds):
+                for name, bench in benches:
+                    rounds[name][r] += bench.step_seconds(b, args.steps) / 2
             row = {"tok_s": {n: b / statistics.median(t) for n, t in rounds.items()}}
             for name in ("larosa_40", "larosa_50"):
                 pairs = zip(rounds["dense"], rounds[name], strict=True)
                 row[f"speedup_{name}"] = statistics.median(d / s for d, s in pairs)
-                row[f"sparse_call_fraction_{name}"] = sparse_fraction(benches[name].model)
+                copies = [bench.model for n, bench in benches if n == name]
+                row[f"sparse_call_fraction_{name}"] = statistics.mean(sparse_fraction(m) for m in copies)
             results[f"t{thread_count}_b{b}"] = row
             print(
                 f"  threads={thread_count} batch={b:2d}: "
@@ -261,7 +268,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes at 1 thread")
     parser.add_argument("--batches-2t", default="1,2,4", help="batch sizes at 2 threads ('' to skip)")
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
+    parser.add_argument("--steps", type=int, default=4, help="decode steps per round and model copy")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--ppl-threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "larosa.json")

@@ -36,12 +36,12 @@ CPP_TILE = 64  # output columns per weight tile of the C++ kernel
 SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers the input: always dense
 # Largest union of kept channels (fraction of the inputs) at which a LaRoSA model's sparse layers still beat its
 # dense path, per torch thread count (the largest measured count <= the current one applies) and per row count (the
-# smallest key >= rows applies; rows beyond the last key go dense, and to the model's dense twin). Measured in whole
-# decode steps (benchmarks/larosa.py, docs/results/larosa.json), not in the kernel alone: the kernel beats bf16 dense
-# up to 4 rows even at a full union (benchmarks/sparse_linear.py, docs/results/sparse_linear.json), but in a model
-# the per-token top-k selection and the residual adapters eat that margin. On a quiet machine, 50% sparsity:
-# 1 thread x1.21 at 1 row, x1.04 at 2, x0.95 at 4; 2 threads x1.14 at 1 row, x1.00 at 2, x0.89 at 4.
-MAX_UNION_FRACTION_CPP: dict[int, dict[int, float]] = {1: {1: 0.9, 2: 1.0}, 2: {1: 1.0}}
+# smallest key >= rows applies; rows beyond the last key go dense, and to the model's dense twin).
+# One row runs the row-major walk; against the tiled dense GEMV over SmolLM2's four linears of a layer (bf16, from
+# memory, selection included) it takes 0.51 / 0.73 / 0.84 / 0.94 / 1.02 / 1.08 of the time at 30 / 50 / 60 / 70 /
+# 80 / 90% kept on 1 thread, and 0.75 / 0.85 / 0.91 / 0.96 / 1.05 at 50-90% on 2: break-even near 78% and 85%.
+# Two rows use the tiles (measured in whole decode steps, benchmarks/larosa.py: x1.07-1.08 at 50%, 1 thread).
+MAX_UNION_FRACTION_CPP: dict[int, dict[int, float]] = {1: {1: 0.75, 2: 1.0}, 2: {1: 0.8}}
 MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
 
 
