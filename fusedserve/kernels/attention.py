@@ -107,8 +107,8 @@ def attend(
 ) -> torch.Tensor:
     """Causal attention of q [T, heads, head_dim] over each sequence's cached context; returns [T, heads*head_dim].
 
-    The new tokens' K/V must already be written (write_kv). Query token j of a sequence with q_len new tokens and
-    context_len cached tokens sees positions [0, context_len - q_len + j].
+    The new tokens' K/V must already be written (rope_and_store_kv or write_kv). Query token j of a sequence with
+    q_len new tokens and context_len cached tokens sees positions [0, context_len - q_len + j].
     """
     if q.device.type == "cuda":
         from fusedserve.kernels.gpu.flashinfer_attention import attend_cuda
