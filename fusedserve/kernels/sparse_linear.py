@@ -38,10 +38,10 @@ SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers
 # dense path, per torch thread count (the largest measured count <= the current one applies) and per row count (the
 # smallest key >= rows applies; rows beyond the last key go dense, and to the model's dense twin).
 # One row runs the row-major walk; against the tiled dense GEMV over SmolLM2's four linears of a layer (bf16, from
-# memory, selection included) it takes 0.51 / 0.73 / 0.84 / 0.94 / 1.02 / 1.08 of the time at 30 / 50 / 60 / 70 /
-# 80 / 90% kept on 1 thread, and 0.75 / 0.85 / 0.91 / 0.96 / 1.05 at 50-90% on 2: break-even near 78% and 85%.
-# Two rows use the tiles (measured in whole decode steps, benchmarks/larosa.py: x1.07-1.08 at 50%, 1 thread).
-MAX_UNION_FRACTION_CPP: dict[int, dict[int, float]] = {1: {1: 0.75, 2: 1.0}, 2: {1: 0.8}}
+# memory, selection included) it takes 0.46 / 0.67 / 0.84 / 0.91 / 0.96 / 1.01 of the time at 30 / 50 / 70 / 80 /
+# 90 / 100% kept on 1 thread, and 0.48 / 0.68 / 0.82 / 0.90 / 0.97 / 0.98 on 2: it pays up to ~95%.
+# Two rows use the tiles (measured in whole decode steps, benchmarks/larosa.py: x1.05-1.08 at 50%, 1 thread).
+MAX_UNION_FRACTION_CPP: dict[int, dict[int, float]] = {1: {1: 0.95, 2: 1.0}, 2: {1: 0.95}}
 MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
 
 
@@ -139,7 +139,7 @@ class TopKSparseLinear:
         # decided once per step shape, since a decode step calls every sparse layer with the same shape.
         self._limits: dict[tuple[int, int], float | None] = {}
         # One-token steps over bf16 weights read input-major rows [in, out] (each kept channel one contiguous run;
-        # kernels/cpu/sparse_linear.cpp, topk_rows_linear): 1.13x faster per layer than the tiles at 50%.
+        # kernels/cpu/sparse_linear.cpp, topk_rows_linear): 1.4x faster per layer than the tiles at 50%.
         self.weight_rows: torch.Tensor | None = None
         if self._ext is not None:
             # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 64 contiguous weights per tile. The
