@@ -8,11 +8,12 @@ where fp32 sgemm is at its worst. BF16_MIN_ROWS keeps the switch point a measure
 always uses the bf16 copy and returns bf16: the model hands its blocks' inputs over in bf16 already (one cast
 per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
 implement the same interface.
-Up to TILED_MAX_ROWS tokens (small decode batches) do not go to oneDNN: the bf16 weights are also kept in the
-sparse kernel's input-major tiles and streamed by its dense entry (kernels/cpu/sparse_linear.cpp, tiled_linear),
-which measured 1.6-1.9x faster than oneDNN's bf16 product from DRAM on SmolLM2's shapes at one token, and a whole
-batch-1 decode step 35.7 -> 27.6 ms (1 thread). It is also the fair baseline for LaRoSA's sparse path, which
-reads the same tiles.
+Up to ROW_WALK_MAX_ROWS tokens (small decode batches) do not go to oneDNN: the bf16 weights are also kept
+input-major, [in, out], and streamed row by row by the project's own kernel (kernels/cpu/sparse_linear.cpp,
+rows_linear: four lockstep streams, each with a software prefetch cursor). At one token that walk (and the
+64-column tiled walk before it) measured 1.6-1.9x faster than oneDNN's bf16 product from DRAM on SmolLM2's shapes;
+at 2-4 tokens it takes 0.83-0.84 of the tiled walk's time (1 thread; 0.77-0.89 at 2). It is also the fair baseline
+for LaRoSA's sparse path, which walks the same rows, skipping the dropped ones.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import torch.nn.functional as F
 
 # Rows at or above which the bf16 copy wins; measured by benchmarks/decode_dtype.py (docs/results/decode_dtype.json).
 BF16_MIN_ROWS = 1
-# Tokens per call up to which the tiled GEMV serves instead of oneDNN. Measured per layer of SmolLM2 from DRAM,
-# 1 thread: 2 rows 648 vs 839 us, 3 rows 696 vs 841, 4 rows 703 vs 832; larger batches keep oneDNN/AMX.
-TILED_MAX_ROWS = 4
-TILE = 64  # output columns per tile, as the C++ kernel expects
+# Tokens per call up to which the row walk serves instead of oneDNN (the C++ kernel's limit). Measured per layer of
+# SmolLM2 from DRAM, 1 thread, on the tiled walk before it: 2 rows 648 vs 839 us, 3 rows 696 vs 841, 4 rows 703 vs
+# 832; the row walk is faster still (see above). Larger batches keep oneDNN/AMX.
+ROW_WALK_MAX_ROWS = 4
+ROW_WALK_WIDTH = 64  # the row walk takes layers whose output width is a multiple of this
 # The bf16 copy is stored pre-packed in oneDNN's blocked layout for this batch size: F.linear re-packs a plain
 # weight on every call, which measured 25-35% of a decode step's linear time at 32 rows (same results).
 PACKED_FOR_ROWS = 32
@@ -51,19 +53,15 @@ class DenseLinear:
         use_copy = bf16_min_rows is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
         self._bf16_weight = _packed_bf16(self.weight) if use_copy else None
         self._bf16_bias = bias.to(torch.bfloat16) if (use_copy and bias is not None) else None
-        self._tiled = _tiled_kernel() if use_copy and self.out_features % TILE == 0 else None
-        # [out / 64, in, 64]: tile b holds W^T[:, 64b:64b+64] (the layout TopKSparseLinear reads)
-        self.bf16_tiles = (
-            self.weight.t().reshape(self.in_features, -1, TILE).permute(1, 0, 2).to(torch.bfloat16).contiguous()
-            if self._tiled is not None
-            else None
-        )
+        self._walk = _row_walk_kernel() if use_copy and self.out_features % ROW_WALK_WIDTH == 0 else None
+        # [in, out]: row i holds W^T[i, :], the copy TopKSparseLinear walks too (it shares this one)
+        self.bf16_rows = self.weight.t().to(torch.bfloat16).contiguous() if self._walk is not None else None
         # Rows from which this layer computes in bf16; None: it always computes in its weights' dtype.
         self.bf16_min_rows: int | None = (bf16_min_rows or 0) if use_copy else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._tiled is not None and x.shape[0] <= TILED_MAX_ROWS:
-            return self._tiled.tiled_linear(x, self.bf16_tiles, self.bias)  # bf16 weights, fp32 sums, x's dtype
+        if self._walk is not None and x.shape[0] <= ROW_WALK_MAX_ROWS:
+            return self._walk.rows_linear(x, self.bf16_rows, self.bias)  # bf16 weights, fp32 sums, x's dtype
         if self._bf16_weight is not None:
             if x.dtype == torch.bfloat16:
                 return _bf16_linear(x, self._bf16_weight, self._bf16_bias)
@@ -75,30 +73,27 @@ class DenseLinear:
 class ResidualAdapter:
     """h @ A for an fp32 residual stream that must stay fp32 (LaRoSA's change of basis between layers, [d, d]).
 
-    With `bf16_small_steps`, steps of up to TILED_MAX_ROWS tokens stream a bf16 copy of A through the tiled GEMV
+    With `bf16_small_steps`, steps of up to ROW_WALK_MAX_ROWS tokens stream a bf16 copy of A through the row walk
     (fp32 in, fp32 sums, fp32 out): the weight rounding every other linear of a mixed-precision model already has,
-    at half the bytes of the fp32 product, which a decode step reads from memory (SmolLM2, batch 1: 3.2 -> 1.6 ms
-    of a ~25 ms step over 29 adapters). Larger steps, and every step without the flag, multiply in fp32, exactly.
+    at half the bytes of the fp32 product, which a decode step reads from memory (SmolLM2, batch 1: 3.2 -> 1.5 ms
+    of a ~20 ms step over 29 adapters). Larger steps, and every step without the flag, multiply in fp32, exactly.
     """
 
     def __init__(self, matrix: torch.Tensor, bf16_small_steps: bool) -> None:
         self.matrix = matrix
-        d_in, d_out = matrix.shape
-        tiled = bf16_small_steps and matrix.dtype == torch.float32 and matrix.device.type == "cpu" and d_out % TILE == 0
-        self._tiled = _tiled_kernel() if tiled else None
-        # [d_out / 64, d_in, 64]: tile b holds A[:, 64b:64b+64], the layout of W^T for W = A^T
-        self._bf16_tiles = (
-            matrix.reshape(d_in, -1, TILE).permute(1, 0, 2).to(torch.bfloat16).contiguous() if self._tiled else None
-        )
+        walk = bf16_small_steps and matrix.dtype == torch.float32 and matrix.device.type == "cpu"
+        self._walk = _row_walk_kernel() if walk and matrix.shape[1] % ROW_WALK_WIDTH == 0 else None
+        # h @ A = h @ W^T for W = A^T: A itself is the input-major [in, out] copy the walk reads
+        self._bf16_rows = matrix.to(torch.bfloat16).contiguous() if self._walk is not None else None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._tiled is not None and hidden.shape[0] <= TILED_MAX_ROWS and hidden.dtype == torch.float32:
-            return self._tiled.tiled_linear(hidden, self._bf16_tiles, None)
+        if self._walk is not None and hidden.shape[0] <= ROW_WALK_MAX_ROWS and hidden.dtype == torch.float32:
+            return self._walk.rows_linear(hidden, self._bf16_rows, None)
         return hidden @ self.matrix
 
 
-def _tiled_kernel():
-    """The C++ module with tiled_linear, or None without a compiler (oneDNN then serves every row count)."""
+def _row_walk_kernel():
+    """The C++ module with rows_linear, or None without a compiler (oneDNN then serves every row count)."""
     from fusedserve.kernels.cpu.extensions import load_cpp_extension
 
     return load_cpp_extension("sparse_linear.cpp")

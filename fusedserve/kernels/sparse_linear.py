@@ -10,10 +10,11 @@ One entry, `TopKSparseLinear`, implements the engine's `Linear` interface. Per c
   batches): the exact dense product, so falling back never costs quality and never costs time on selection.
   With mask_dense_path=True it runs on TopK_k(x) instead, so the layer computes TopK_k(x) @ W^T + b on every
   path (quality evaluation of the method itself; the two paths then agree to fp32 or bf16 rounding).
-Backends: the C++/OpenMP extension (kernels/cpu/sparse_linear.cpp; weights tiled [out/64, in, 64], shared with
-the dense layer's tiled GEMV, plus for bf16 weights an input-major [in, out] copy that one-token steps walk) where it
-builds, else pure torch (F.embedding_bag over W^T [in, out], which reads per token, not per union). On CUDA the
-Triton kernel (kernels/gpu/sparse_gemv.py, over the same W^T) serves small batches and dense cuBLAS the rest.
+Backends: the C++/OpenMP extension (kernels/cpu/sparse_linear.cpp) where it builds: weights tiled [out/64, in, 64]
+for batches, and for bf16 weights an input-major [in, out] copy, shared with the dense layer's row walk, that steps
+of up to 4 tokens walk. Else pure torch (F.embedding_bag over W^T [in, out], which reads per token, not per union).
+On CUDA the Triton kernel (kernels/gpu/sparse_gemv.py, over the same W^T) serves small batches and dense cuBLAS the
+rest.
 This module never changes weights and never decides sparsity levels (engine/larosa/sparsity.py does).
 """
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedserve.kernels.cpu.extensions import load_cpp_extension
-from fusedserve.kernels.linear import DenseLinear, Linear
+from fusedserve.kernels.linear import ROW_WALK_MAX_ROWS, DenseLinear, Linear
 
 T = TypeVar("T")
 
@@ -37,11 +38,14 @@ SPARSE_MAX_ROWS = 16  # above this many tokens the union of kept channels covers
 # Largest union of kept channels (fraction of the inputs) at which a LaRoSA model's sparse layers still beat its
 # dense path, per torch thread count (the largest measured count <= the current one applies) and per row count (the
 # smallest key >= rows applies; rows beyond the last key go dense, and to the model's dense twin).
-# One row runs the row-major walk; against the tiled dense GEMV over SmolLM2's four linears of a layer (bf16, from
-# memory, selection included) it takes 0.46 / 0.67 / 0.84 / 0.91 / 0.96 / 1.01 of the time at 30 / 50 / 70 / 80 /
-# 90 / 100% kept on 1 thread, and 0.48 / 0.68 / 0.82 / 0.90 / 0.97 / 0.98 on 2: it pays up to ~95%.
-# Two rows use the tiles (measured in whole decode steps, benchmarks/larosa.py: x1.05-1.08 at 50%, 1 thread).
-MAX_UNION_FRACTION_CPP: dict[int, dict[int, float]] = {1: {1: 0.95, 2: 1.0}, 2: {1: 0.95}}
+# Up to 4 rows run the row walk over the union of kept channels; against the dense layer's own row walk over
+# SmolLM2's four linears of a layer (bf16, from memory, selection included) it takes, 1 thread:
+# - 1 row: 0.46 / 0.67 / 0.84 / 0.91 / 0.96 / 1.01 of the time at 30 / 50 / 70 / 80 / 90 / 100% kept (2 threads:
+#   0.48 / 0.68 / 0.82 / 0.90 / 0.97 / 0.98);
+# - 2 / 3 / 4 rows at a union of 75%: 0.88 / 0.90 / 0.91; at 85%: 0.96 / 0.96 / 0.99; at 95%: 1.01 / 1.04 / 1.06.
+# The limits sit a little below break-even: a step also pays the residual adapters, which the dense twin skips
+# (the model's timed choice, engine/model/llama.py, settles the close cases per host).
+MAX_UNION_FRACTION_CPP: dict[int, dict[int, float]] = {1: {1: 0.95, 2: 0.9, 3: 0.85, 4: 0.8}, 2: {1: 0.95, 2: 0.85}}
 MAX_KEPT_FRACTION_TORCH = 0.6  # embedding_bag path: 1 row only, k / in at most this
 
 
@@ -138,22 +142,19 @@ class TopKSparseLinear:
         # (rows, threads) -> the largest union the sparse path may take, or None where it surely goes dense:
         # decided once per step shape, since a decode step calls every sparse layer with the same shape.
         self._limits: dict[tuple[int, int], float | None] = {}
-        # One-token steps over bf16 weights read input-major rows [in, out] (each kept channel one contiguous run;
-        # kernels/cpu/sparse_linear.cpp, topk_rows_linear): 1.4x faster per layer than the tiles at 50%.
+        # Steps of up to ROW_WALK_MAX_ROWS tokens over bf16 weights walk input-major rows [in, out] (each kept
+        # channel one contiguous run; kernels/cpu/sparse_linear.cpp, topk_rows_linear): 1.4x faster per layer than
+        # the tiles at one token, 50%. The dense layer's row walk reads the same copy: share it where it keeps one.
         self.weight_rows: torch.Tensor | None = None
         if self._ext is not None:
-            # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 64 contiguous weights per tile. The
-            # dense layer's tiled GEMV reads the same layout: share its copy where it keeps one.
-            shared = getattr(self.dense, "bf16_tiles", None)
-            if shared is not None and tile_dtype == torch.bfloat16:
-                self.weight_tiles = shared
-            else:
-                tiles = self.out_features // CPP_TILE
-                self.weight_tiles = (
-                    weight.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).to(tile_dtype).contiguous()
-                )
+            # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 64 contiguous weights per tile.
+            tiles = self.out_features // CPP_TILE
+            self.weight_tiles = (
+                weight.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).to(tile_dtype).contiguous()
+            )
             if tile_dtype == torch.bfloat16:
-                self.weight_rows = weight.t().to(torch.bfloat16).contiguous()
+                shared = getattr(self.dense, "bf16_rows", None)
+                self.weight_rows = shared if shared is not None else weight.t().to(torch.bfloat16).contiguous()
         else:
             self.weight_t = weight.t().contiguous()  # [in, out]: kept channel i is row i
 
@@ -190,7 +191,7 @@ class TopKSparseLinear:
             limit = self._union_limit(rows, torch.get_num_threads())
             if limit is None:
                 return self._dense_path(x)
-            if rows == 1 and self.weight_rows is not None:  # one token: its union is its own k channels
+            if rows <= ROW_WALK_MAX_ROWS and self.weight_rows is not None:
                 self._count(True)
                 return self._ext.topk_rows_linear(x, self.weight_rows, self.bias, self.k)
             # fp32 or bf16 in, the same dtype out (the kernel widens and rounds itself: no extra torch ops)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedserve.kernels.linear import TILED_MAX_ROWS, DenseLinear, ResidualAdapter
+from fusedserve.kernels.linear import ROW_WALK_MAX_ROWS, DenseLinear, ResidualAdapter
 from fusedserve.kernels.sparse_linear import load_sparse_linear_extension
 
 needs_cpp = pytest.mark.skipif(load_sparse_linear_extension() is None, reason="C++ extension unavailable")
@@ -18,13 +18,20 @@ def weights(out_features: int = 192, in_features: int = 160) -> tuple[torch.Tens
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_runs_the_tiled_gemv_on_bf16_weights_with_fp32_sums(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_steps_walk_bf16_rows_with_fp32_sums(dtype: torch.dtype, tokens: int, threads: int) -> None:
     weight, bias = weights()
     layer = DenseLinear(weight, bias)
-    assert layer.bf16_tiles is not None and TILED_MAX_ROWS >= 1
-    x = torch.randn(1, 160).to(dtype)
-    got = layer(x)
-    assert got.dtype == dtype and got.shape == (1, 192)
+    assert layer.bf16_rows is not None and layer.bf16_rows.shape == (160, 192) and ROW_WALK_MAX_ROWS == 4
+    x = torch.randn(tokens, 160).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == dtype and got.shape == (tokens, 192)
     # Exactly the product with bf16-rounded weights (x as given), summed in fp32, then rounded to x's dtype.
     expected = (x.double() @ weight.bfloat16().double().T + bias.double()).to(dtype)
     tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 1e-2}
@@ -32,24 +39,24 @@ def test_one_token_runs_the_tiled_gemv_on_bf16_weights_with_fp32_sums(dtype: tor
 
 
 @needs_cpp
-def test_tiled_gemv_changes_only_weight_rounding_against_onednn_above_its_row_limit() -> None:
-    """Row 0 alone (tiled) and a batch past TILED_MAX_ROWS (oneDNN bf16) agree to bf16 rounding."""
+def test_row_walk_changes_only_weight_rounding_against_onednn_above_its_row_limit() -> None:
+    """Small steps (row walk) and a batch past ROW_WALK_MAX_ROWS (oneDNN bf16) agree to bf16 rounding."""
     weight, bias = weights()
     layer = DenseLinear(weight, bias)
-    x = torch.randn(TILED_MAX_ROWS + 1, 160)
+    x = torch.randn(ROW_WALK_MAX_ROWS + 1, 160)
     # Outputs reach ~50 here; oneDNN also rounds x to bf16, so allow a few bf16 ulps of the output scale.
     torch.testing.assert_close(layer(x[:1]), layer(x)[:1], rtol=2e-2, atol=0.3)
-    torch.testing.assert_close(layer(x[:TILED_MAX_ROWS]), layer(x)[:TILED_MAX_ROWS], rtol=2e-2, atol=0.3)
+    torch.testing.assert_close(layer(x[:ROW_WALK_MAX_ROWS]), layer(x)[:ROW_WALK_MAX_ROWS], rtol=2e-2, atol=0.3)
 
 
-def test_fp32_layers_and_odd_widths_keep_no_tiles() -> None:
+def test_fp32_layers_and_odd_widths_keep_no_row_copy() -> None:
     weight, bias = weights()
     exact = DenseLinear(weight, bias, bf16_min_rows=None)  # fp32 throughout (calibration, quality runs)
-    assert exact.bf16_tiles is None
+    assert exact.bf16_rows is None
     x = torch.randn(1, 160)
     torch.testing.assert_close(exact(x), x @ weight.T + bias)
     odd = DenseLinear(torch.randn(100, 160))  # 100 output columns: not whole 64-column tiles, oneDNN serves
-    assert odd.bf16_tiles is None and odd(x).shape == (1, 100)
+    assert odd.bf16_rows is None and odd(x).shape == (1, 100)
 
 
 @needs_cpp
@@ -57,11 +64,11 @@ def test_residual_adapter_rounds_its_weights_to_bf16_only_for_small_steps() -> N
     """The residual stream stays fp32 either way; small steps use a bf16 copy of A (fp32 sums), larger ones A."""
     gen = torch.Generator().manual_seed(5)
     matrix = torch.linalg.qr(torch.randn(128, 128, generator=gen, dtype=torch.float64))[0].float()
-    hidden = torch.randn(TILED_MAX_ROWS + 1, 128, generator=gen) * 4
+    hidden = torch.randn(ROW_WALK_MAX_ROWS + 1, 128, generator=gen) * 4
     adapter = ResidualAdapter(matrix, bf16_small_steps=True)
     small = adapter(hidden[:1])
     assert small.dtype == torch.float32
     torch.testing.assert_close(small.double(), hidden[:1].double() @ matrix.bfloat16().double(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(adapter(hidden), hidden @ matrix)  # past TILED_MAX_ROWS: the exact fp32 product
+    torch.testing.assert_close(adapter(hidden), hidden @ matrix)  # past ROW_WALK_MAX_ROWS: the exact fp32 product
     exact = ResidualAdapter(matrix, bf16_small_steps=False)
     torch.testing.assert_close(exact(hidden[:1]), hidden[:1] @ matrix)

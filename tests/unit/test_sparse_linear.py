@@ -59,18 +59,21 @@ def test_cpp_sparse_path_with_bf16_tiles_equals_the_reference_on_bf16_weights(ro
 @needs_cpp
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("k", [0, 1, 70, 160])
+@pytest.mark.parametrize("tokens", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_token_over_bf16_weights_reads_input_major_rows_and_equals_the_reference(
-    threads: int, k: int, dtype: torch.dtype
+def test_small_steps_over_bf16_weights_walk_input_major_rows_and_equal_the_reference(
+    threads: int, k: int, tokens: int, dtype: torch.dtype
 ) -> None:
-    """One token takes the row-major walk (two threads split the kept rows and add their partial sums)."""
+    """Up to 4 tokens take the row walk over the union of their kept rows (two threads split the rows and add their
+    partial sums)."""
     weight, bias = make(out_features=576)
     layer = TopKSparseLinear(weight, bias, k, backend="cpp", union_table={16: 2.0}, tile_dtype=torch.bfloat16)
     assert layer.weight_rows is not None and layer.weight_rows.shape == (160, 576)
     # Distinct magnitudes, exact in bf16: rounding creates no ties, whose order the reference's topk leaves open.
-    gen = torch.Generator().manual_seed(k)
-    magnitudes = (torch.randperm(160, generator=gen) + 1).float() / 32
-    x = (magnitudes * (torch.randint(0, 2, (160,), generator=gen) * 2 - 1)).view(1, 160).to(dtype)
+    gen = torch.Generator().manual_seed(k + tokens)
+    magnitudes = torch.stack([torch.randperm(160, generator=gen) + 1 for _ in range(tokens)]).float() / 32
+    signs = torch.randint(0, 2, (tokens, 160), generator=gen) * 2 - 1
+    x = (magnitudes * signs).to(dtype)
     expected = reference(x.float(), weight.bfloat16().float(), bias, k)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -78,20 +81,19 @@ def test_one_token_over_bf16_weights_reads_input_major_rows_and_equals_the_refer
         got = layer(x)
     finally:
         torch.set_num_threads(before)
-    assert got.dtype == dtype and layer.stats.sparse_calls == 1
+    assert got.dtype == dtype and got.shape == (tokens, 576) and layer.stats.sparse_calls == 1
     tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 5e-2}
     torch.testing.assert_close(got.double(), expected.to(dtype).double(), **tolerance)
 
 
 @needs_cpp
-def test_sparse_layer_reads_the_dense_layers_tiles_instead_of_a_copy() -> None:
+def test_sparse_layer_walks_the_dense_layers_row_copy_instead_of_its_own() -> None:
     weight, bias = make()
     dense = DenseLinear(weight, bias)
     layer = TopKSparseLinear(weight, bias, 40, dense, backend="cpp", tile_dtype=torch.bfloat16)
-    assert dense.bf16_tiles is not None and layer.weight_tiles is dense.bf16_tiles
+    assert dense.bf16_rows is not None and layer.weight_rows is dense.bf16_rows
     fp32 = TopKSparseLinear(weight, bias, 40, dense, backend="cpp", tile_dtype=torch.float32)
-    assert fp32.weight_tiles is not dense.bf16_tiles and fp32.weight_tiles.dtype == torch.float32
-    assert fp32.weight_rows is None  # fp32 tiles serve one token too: the row copy is bf16 only
+    assert fp32.weight_rows is None and fp32.weight_tiles.dtype == torch.float32  # fp32 tiles serve every step
 
 
 @needs_cpp

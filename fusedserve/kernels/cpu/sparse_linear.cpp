@@ -240,12 +240,14 @@ inline void add_run(const uint16_t* run, float a, int64_t out, float* y) {
   for (int64_t c = 0; c < out; ++c) y[c] += a * widen(run[c]);
 }
 
-void single_token_rows(const uint16_t* w, int64_t out, const float* x, const int32_t* rows, int64_t num_rows,
-                       float* y) {
-  std::fill(y, y + out, 0.0f);
+// y[t] = sum over the kept rows j of coef[j][t] * w[rows[j], :] for NT tokens (coef [num_rows][NT], 0 where token t
+// dropped row j; y [NT][out]): each run is read once for all tokens, as the tiles' walk does for a batch.
+template <int NT>
+void rows_walk(const uint16_t* w, int64_t out, const float* coef, const int32_t* rows, int64_t num_rows, float* y) {
+  std::fill(y, y + NT * out, 0.0f);
   int64_t begin[kRowStreams + 1];
   for (int s = 0; s <= kRowStreams; ++s) begin[s] = num_rows * s / kRowStreams;
-  const int64_t steps = begin[1] - begin[0];  // the shortest chunk; longer ones finish below
+  int64_t done = 0;  // rows walked in lockstep; the rest (chunks longer than the shortest) go one by one below
 #if defined(__AVX512F__)
   if (out % 32 == 0) {
     const int64_t lines = out * static_cast<int64_t>(sizeof(uint16_t)) / 64;
@@ -254,32 +256,48 @@ void single_token_rows(const uint16_t* w, int64_t out, const float* x, const int
       cursor[s] = RunCursor{w, out, lines, rows + begin[s], begin[s + 1] - begin[s]};
       cursor[s].advance(kRowsPrefetchLines / kRowStreams);
     }
-    for (int64_t j = 0; j < steps; ++j) {
+    done = begin[1] - begin[0];
+    for (int64_t j = 0; j < done; ++j) {
       const uint16_t* run[kRowStreams];
-      __m512 a[kRowStreams];
+      __m512 a[kRowStreams][NT];
       for (int s = 0; s < kRowStreams; ++s) {
-        const int32_t row = rows[begin[s] + j];
-        run[s] = w + static_cast<int64_t>(row) * out;
-        a[s] = _mm512_set1_ps(x[row]);
+        run[s] = w + static_cast<int64_t>(rows[begin[s] + j]) * out;
+        for (int t = 0; t < NT; ++t) a[s][t] = _mm512_set1_ps(coef[(begin[s] + j) * NT + t]);
       }
       for (int64_t c = 0; c < out; c += 32) {
         for (int s = 0; s < kRowStreams; ++s) cursor[s].advance(1);  // a line ahead per line loaded, per stream
-        __m512 lo = _mm512_loadu_ps(y + c), hi = _mm512_loadu_ps(y + c + 16);
+        __m512 r[kRowStreams][2];
         for (int s = 0; s < kRowStreams; ++s) {
-          lo = _mm512_fmadd_ps(a[s], widen16(run[s] + c), lo);
-          hi = _mm512_fmadd_ps(a[s], widen16(run[s] + c + 16), hi);
+          r[s][0] = widen16(run[s] + c);
+          r[s][1] = widen16(run[s] + c + 16);
         }
-        _mm512_storeu_ps(y + c, lo);
-        _mm512_storeu_ps(y + c + 16, hi);
+        for (int t = 0; t < NT; ++t) {
+          float* yt = y + t * out + c;
+          __m512 lo = _mm512_loadu_ps(yt), hi = _mm512_loadu_ps(yt + 16);
+          for (int s = 0; s < kRowStreams; ++s) {
+            lo = _mm512_fmadd_ps(a[s][t], r[s][0], lo);
+            hi = _mm512_fmadd_ps(a[s][t], r[s][1], hi);
+          }
+          _mm512_storeu_ps(yt, lo);
+          _mm512_storeu_ps(yt + 16, hi);
+        }
       }
     }
-    for (int s = 0; s < kRowStreams; ++s)
-      for (int64_t j = begin[s] + steps; j < begin[s + 1]; ++j)
-        add_run(w + static_cast<int64_t>(rows[j]) * out, x[rows[j]], out, y);
-    return;
   }
 #endif
-  for (int64_t j = 0; j < num_rows; ++j) add_run(w + static_cast<int64_t>(rows[j]) * out, x[rows[j]], out, y);
+  for (int s = 0; s < kRowStreams; ++s)
+    for (int64_t j = begin[s] + done; j < begin[s + 1]; ++j)
+      for (int t = 0; t < NT; ++t) add_run(w + static_cast<int64_t>(rows[j]) * out, coef[j * NT + t], out, y + t * out);
+}
+
+void run_rows_walk(int tokens, const uint16_t* w, int64_t out, const float* coef, const int32_t* rows,
+                   int64_t num_rows, float* y) {
+  switch (tokens) {
+    case 1: return rows_walk<1>(w, out, coef, rows, num_rows, y);
+    case 2: return rows_walk<2>(w, out, coef, rows, num_rows, y);
+    case 3: return rows_walk<3>(w, out, coef, rows, num_rows, y);
+    default: return rows_walk<4>(w, out, coef, rows, num_rows, y);
+  }
 }
 
 // y [T, out] fp32 = sum over `rows` of coef * tile rows (+ bias), for either tile dtype.
@@ -359,61 +377,86 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
   return {y.to(input_dtype), true};
 }
 
-// One token's y = TopK_k(x) @ W^T + b over an input-major bf16 copy w_rows [in, out] (see single_token_rows):
-// x [1, in] fp32 or bf16, y [1, out] in x's dtype. The engine's sparse layers use it for single-token steps,
-// whose union is the token's own k channels; batches stay on the tiles, whose walk serves several tokens per read.
+constexpr int64_t kRowsMaxTokens = 4;  // the row walk's register blocks: 1-4 tokens
+
+// y [T, out] fp32 = sum over `rows` of coef * w_rows rows (+ bias), threads splitting the rows, not the columns,
+// so every run stays whole (column halves measured no faster than the tiles at 2 threads); each thread sums into
+// its own buffer and the buffers are added at the end.
+torch::Tensor rows_product(const torch::Tensor& xc, const torch::Tensor& w_rows, const std::vector<int32_t>& rows,
+                           const std::vector<float>& coef, const c10::optional<torch::Tensor>& bias) {
+  const int64_t tokens = xc.size(0), out = w_rows.size(1);
+  auto y = torch::empty({tokens, out}, xc.options());
+  float* yp = y.data_ptr<float>();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w_rows.data_ptr<at::BFloat16>());
+  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_rows / 16));
+  const int64_t size = tokens * out;
+  std::vector<float> partial(static_cast<size_t>((parts - 1) * size));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = num_rows * p / parts, r1 = num_rows * (p + 1) / parts;
+      run_rows_walk(static_cast<int>(tokens), wp, out, coef.data() + r0 * tokens, rows.data() + r0, r1 - r0,
+                    p == 0 ? yp : partial.data() + (p - 1) * size);
+    }
+  });
+  for (int64_t p = 1; p < parts; ++p)
+    for (int64_t c = 0; c < size; ++c) yp[c] += partial[(p - 1) * size + c];
+  if (bias.has_value() && bias->defined()) y += bias->to(torch::kFloat32).view({1, out});
+  return y;
+}
+
+// y = TopK_k(x) @ W^T + b for up to kRowsMaxTokens tokens over an input-major bf16 copy w_rows [in, out] (see
+// rows_walk): x [T, in] fp32 or bf16, y [T, out] in x's dtype. The union of the tokens' kept channels is walked once.
 torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows,
                                const c10::optional<torch::Tensor>& bias, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "x must be [1, in] float32 or bfloat16");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kRowsMaxTokens &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be [T, in] float32 or bfloat16 with 1 <= T <= 4");
   TORCH_CHECK(w_rows.dim() == 2 && w_rows.scalar_type() == torch::kBFloat16 && w_rows.is_contiguous() &&
                   w_rows.size(0) == x.size(1),
               "w_rows must be [in, out] bfloat16, contiguous, with in = x's columns");
   const auto xc = x.to(torch::kFloat32).contiguous();
-  const int64_t in = xc.size(1), out = w_rows.size(1);
+  const int64_t tokens = xc.size(0), in = xc.size(1), out = w_rows.size(1);
   k = std::max<int64_t>(0, std::min<int64_t>(k, in));
   const float* xp = xc.data_ptr<float>();
-  std::vector<uint8_t> keep(static_cast<size_t>(in), 0);
+  std::vector<uint8_t> keep(static_cast<size_t>(tokens * in), 0);
   std::vector<uint32_t> key(static_cast<size_t>(in));
-  select_topk(xp, in, k, key, keep.data());
+  for (int64_t t = 0; t < tokens; ++t) select_topk(xp + t * in, in, k, key, keep.data() + t * in);
   std::vector<int32_t> rows;
-  rows.reserve(static_cast<size_t>(k));
-  for (int64_t i = 0; i < in; ++i)
-    if (keep[i]) rows.push_back(static_cast<int32_t>(i));
-  auto y = torch::empty({1, out}, xc.options());
-  float* yp = y.data_ptr<float>();
-  const auto* wp = reinterpret_cast<const uint16_t*>(w_rows.data_ptr<at::BFloat16>());
-  // Threads split the kept rows, not the columns, so every run stays whole (column halves measured no faster
-  // than the tiles at 2 threads); each sums into its own buffer and the buffers are added at the end.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(rows.size()) / 16));
-  std::vector<float> partial(static_cast<size_t>((parts - 1) * out));
-  const int64_t num_rows = static_cast<int64_t>(rows.size());
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t r0 = num_rows * p / parts, r1 = num_rows * (p + 1) / parts;
-      single_token_rows(wp, out, xp, rows.data() + r0, r1 - r0, p == 0 ? yp : partial.data() + (p - 1) * out);
-    }
-  });
-  for (int64_t p = 1; p < parts; ++p)
-    for (int64_t c = 0; c < out; ++c) yp[c] += partial[(p - 1) * out + c];
-  if (bias.has_value() && bias->defined()) y += bias->to(torch::kFloat32).view({1, out});
-  return y.to(x.scalar_type());
+  std::vector<float> coef;  // [union row][token]: 0 where the token dropped the row
+  rows.reserve(static_cast<size_t>(in));
+  coef.reserve(static_cast<size_t>(in * tokens));
+  for (int64_t i = 0; i < in; ++i) {
+    bool any = false;
+    for (int64_t t = 0; t < tokens; ++t) any = any || keep[t * in + i];
+    if (!any) continue;
+    rows.push_back(static_cast<int32_t>(i));
+    for (int64_t t = 0; t < tokens; ++t) coef.push_back(keep[t * in + i] ? xp[t * in + i] : 0.0f);
+  }
+  return rows_product(xc, w_rows, rows, coef, bias).to(x.scalar_type());
 }
 
-// The dense product y = x @ W^T + b over the same tiles (every row kept, no selection): x [T, in] fp32 or bf16,
-// y in x's dtype. At one token it streams the bf16 tiles through the four-tile walk, which measured 1.6-1.9x
-// faster than oneDNN's bf16 product on the model's shapes from DRAM (engine's DenseLinear uses it for 1 row).
-torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& wtile, const c10::optional<torch::Tensor>& bias) {
-  const auto xc = widened_input(x, wtile);
+// The dense product y = x @ W^T + b of up to kRowsMaxTokens tokens over the input-major bf16 copy w_rows [in, out]:
+// the same walk with every row kept (no selection). x [T, in] fp32 or bf16, y [T, out] in x's dtype. Against the
+// 64-column tiles' walk: equal at one token, 0.83-0.84 of its time at 2-4 tokens (SmolLM2's four linears of a
+// layer, 1 thread).
+torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kRowsMaxTokens &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be [T, in] float32 or bfloat16 with 1 <= T <= 4");
+  TORCH_CHECK(w_rows.dim() == 2 && w_rows.scalar_type() == torch::kBFloat16 && w_rows.is_contiguous() &&
+                  w_rows.size(0) == x.size(1),
+              "w_rows must be [in, out] bfloat16, contiguous, with in = x's columns");
+  const auto xc = x.to(torch::kFloat32).contiguous();
   const int64_t tokens = xc.size(0), in = xc.size(1);
   std::vector<int32_t> rows(static_cast<size_t>(in));
-  for (int64_t i = 0; i < in; ++i) rows[i] = static_cast<int32_t>(i);
   std::vector<float> coef(static_cast<size_t>(in * tokens));  // coef[j][t] = x[t, j]
   const float* xp = xc.data_ptr<float>();
-  for (int64_t j = 0; j < in; ++j)
+  for (int64_t j = 0; j < in; ++j) {
+    rows[j] = static_cast<int32_t>(j);
     for (int64_t t = 0; t < tokens; ++t) coef[j * tokens + t] = xp[t * in + j];
-  auto y = tiles_product(wtile, xc.options(), tokens, rows, coef, bias);
-  return y.to(x.scalar_type());
+  }
+  return rows_product(xc, w_rows, rows, coef, bias).to(x.scalar_type());
 }
 
 // The top-k-masked input: x with all but the k largest-magnitude entries of each row set to zero (any row count).
@@ -439,7 +482,7 @@ torch::Tensor topk_mask(const torch::Tensor& x, int64_t k) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_sparse_linear", &topk_sparse_linear, "top-k sparse linear (tiled input-major weights) or the masked input");
-  m.def("topk_rows_linear", &topk_rows_linear, "one token's top-k sparse linear over input-major bf16 rows");
-  m.def("tiled_linear", &tiled_linear, "dense x @ W^T + b over the same tiles (every row)");
+  m.def("topk_rows_linear", &topk_rows_linear, "top-k sparse linear of 1-4 tokens over input-major bf16 rows");
+  m.def("rows_linear", &rows_linear, "dense x @ W^T + b of 1-4 tokens over input-major bf16 rows");
   m.def("topk_mask", &topk_mask, "zero all but the k largest-magnitude entries of each row");
 }
