@@ -1,4 +1,5 @@
-"""Shared test fixtures: start `fusedserve serve` as a real subprocess on a free loopback port.
+"""Shared test fixtures: start `fusedserve serve` as a real subprocess on a free loopback port; run a block at a
+given torch thread count (`torch_threads`).
 
 `launch_server(*flags)` is a context manager that starts the server, waits for /health, yields a
 `RunningServer`, and on exit sends SIGTERM and waits for the process (killing it only if it hangs). The
@@ -160,3 +161,20 @@ def default_server() -> Iterator[RunningServer]:
 def server_launcher() -> Launcher:
     """`launch_server` for tests that need a server with their own flags."""
     return launch_server
+
+
+@pytest.fixture
+def torch_threads() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """`with torch_threads(n):` runs the block at n torch threads and restores the previous count after."""
+    import torch
+
+    @contextlib.contextmanager
+    def at(threads: int) -> Iterator[None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return at

@@ -1,6 +1,9 @@
-"""The dense linear's per-row-count kernels: tiled GEMV at one token, oneDNN bf16 above, fp32 where asked."""
+"""The dense linear's per-row-count kernels: the bf16 row walk up to 4 tokens, oneDNN bf16 above, fp32 where asked."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from fusedserve.kernels.linear import ROW_WALK_MAX_ROWS, DenseLinear, ResidualAdapter
 from fusedserve.kernels.sparse_linear import load_sparse_linear_extension
 
+ThreadsAt = Callable[[int], AbstractContextManager[None]]  # the torch_threads fixture (tests/conftest.py)
 needs_cpp = pytest.mark.skipif(load_sparse_linear_extension() is None, reason="C++ extension unavailable")
 
 
@@ -20,17 +24,15 @@ def weights(out_features: int = 192, in_features: int = 160) -> tuple[torch.Tens
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_small_steps_walk_bf16_rows_with_fp32_sums(dtype: torch.dtype, tokens: int, threads: int) -> None:
+def test_small_steps_walk_bf16_rows_with_fp32_sums(
+    dtype: torch.dtype, tokens: int, threads: int, torch_threads: ThreadsAt
+) -> None:
     weight, bias = weights()
     layer = DenseLinear(weight, bias)
     assert layer.bf16_rows is not None and layer.bf16_rows.shape == (160, 192) and ROW_WALK_MAX_ROWS == 4
     x = torch.randn(tokens, 160).to(dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = layer(x)
-    finally:
-        torch.set_num_threads(before)
     assert got.dtype == dtype and got.shape == (tokens, 192)
     # Exactly the product with bf16-rounded weights (x as given), summed in fp32, then rounded to x's dtype.
     expected = (x.double() @ weight.bfloat16().double().T + bias.double()).to(dtype)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from fusedserve.kernels.sparse_linear import (
 )
 
 torch.set_num_threads(1)
+ThreadsAt = Callable[[int], AbstractContextManager[None]]  # the torch_threads fixture (tests/conftest.py)
 needs_cpp = pytest.mark.skipif(load_sparse_linear_extension() is None, reason="C++ extension unavailable")
 
 
@@ -62,7 +66,7 @@ def test_cpp_sparse_path_with_bf16_tiles_equals_the_reference_on_bf16_weights(ro
 @pytest.mark.parametrize("tokens", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_steps_over_bf16_weights_walk_input_major_rows_and_equal_the_reference(
-    threads: int, k: int, tokens: int, dtype: torch.dtype
+    threads: int, k: int, tokens: int, dtype: torch.dtype, torch_threads: ThreadsAt
 ) -> None:
     """Up to 4 tokens take the row walk over the union of their kept rows (two threads split the rows and add their
     partial sums)."""
@@ -75,12 +79,8 @@ def test_small_steps_over_bf16_weights_walk_input_major_rows_and_equal_the_refer
     signs = torch.randint(0, 2, (tokens, 160), generator=gen) * 2 - 1
     x = (magnitudes * signs).to(dtype)
     expected = reference(x.float(), weight.bfloat16().float(), bias, k)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = layer(x)
-    finally:
-        torch.set_num_threads(before)
     assert got.dtype == dtype and got.shape == (tokens, 576) and layer.stats.sparse_calls == 1
     tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 5e-2}
     torch.testing.assert_close(got.double(), expected.to(dtype).double(), **tolerance)
@@ -100,19 +100,15 @@ def test_sparse_layer_walks_the_dense_layers_row_copy_instead_of_its_own() -> No
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tile_dtype", [torch.float32, torch.bfloat16])
 def test_single_token_path_over_several_tiles_at_once_equals_the_reference(
-    threads: int, tile_dtype: torch.dtype
+    threads: int, tile_dtype: torch.dtype, torch_threads: ThreadsAt
 ) -> None:
     """576 outputs = 9 tiles: groups of four tiles walked together, then a remainder tile on its own."""
     weight, bias = make(out_features=576)
     layer = TopKSparseLinear(weight, bias, 70, backend="cpp", union_table={16: 2.0}, tile_dtype=tile_dtype)
     x = torch.randn(1, 160)
     expected = reference(x, weight.to(tile_dtype).float(), bias, 70)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-4)
-    finally:
-        torch.set_num_threads(before)
     assert layer.stats.sparse_calls == 1
 
 

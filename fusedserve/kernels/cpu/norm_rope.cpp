@@ -18,6 +18,16 @@ namespace {
 inline void store(float* out, int64_t i, float v) { out[i] = v; }
 inline void store(at::BFloat16* out, int64_t i, float v) { out[i] = at::BFloat16(v); }  // round to nearest even
 
+// dst = row / rms(row) (* w), given the row's sum of squares.
+template <typename Out>
+inline void store_normalised(const float* row, float squares, const float* w, double eps, int64_t d, Out* dst) {
+  const float inverse_rms = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+  if (w != nullptr)
+    for (int64_t i = 0; i < d; ++i) store(dst, i, row[i] * inverse_rms * w[i]);
+  else
+    for (int64_t i = 0; i < d; ++i) store(dst, i, row[i] * inverse_rms);
+}
+
 template <typename Out>
 void rms_norm_rows(const float* x, const float* w, double eps, int64_t tokens, int64_t d, Out* out) {
   at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
@@ -25,12 +35,7 @@ void rms_norm_rows(const float* x, const float* w, double eps, int64_t tokens, i
       const float* row = x + t * d;
       float squares = 0.0f;
       for (int64_t i = 0; i < d; ++i) squares += row[i] * row[i];
-      const float inverse_rms = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
-      Out* dst = out + t * d;
-      if (w != nullptr)
-        for (int64_t i = 0; i < d; ++i) store(dst, i, row[i] * inverse_rms * w[i]);
-      else
-        for (int64_t i = 0; i < d; ++i) store(dst, i, row[i] * inverse_rms);
+      store_normalised(row, squares, w, eps, d, out + t * d);
     }
   });
 }
@@ -74,12 +79,7 @@ void add_rms_norm_rows(float* hidden, const Delta* delta, const float* w, double
         row[i] += load_float(add, i);
         squares += row[i] * row[i];
       }
-      const float inverse_rms = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
-      Out* dst = out + t * d;
-      if (w != nullptr)
-        for (int64_t i = 0; i < d; ++i) store(dst, i, row[i] * inverse_rms * w[i]);
-      else
-        for (int64_t i = 0; i < d; ++i) store(dst, i, row[i] * inverse_rms);
+      store_normalised(row, squares, w, eps, d, out + t * d);
     }
   });
 }

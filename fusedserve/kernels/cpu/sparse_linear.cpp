@@ -405,10 +405,8 @@ torch::Tensor rows_product(const torch::Tensor& xc, const torch::Tensor& w_rows,
   return y;
 }
 
-// y = TopK_k(x) @ W^T + b for up to kRowsMaxTokens tokens over an input-major bf16 copy w_rows [in, out] (see
-// rows_walk): x [T, in] fp32 or bf16, y [T, out] in x's dtype. The union of the tokens' kept channels is walked once.
-torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows,
-                               const c10::optional<torch::Tensor>& bias, int64_t k) {
+// Checks both row-walk entries' arguments and returns x as contiguous fp32 [T, in].
+torch::Tensor rows_input(const torch::Tensor& x, const torch::Tensor& w_rows) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kRowsMaxTokens &&
                   (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "x must be [T, in] float32 or bfloat16 with 1 <= T <= 4");
@@ -416,6 +414,14 @@ torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_ro
                   w_rows.size(0) == x.size(1),
               "w_rows must be [in, out] bfloat16, contiguous, with in = x's columns");
   const auto xc = x.to(torch::kFloat32).contiguous();
+  return xc;
+}
+
+// y = TopK_k(x) @ W^T + b for up to kRowsMaxTokens tokens over an input-major bf16 copy w_rows [in, out] (see
+// rows_walk): x [T, in] fp32 or bf16, y [T, out] in x's dtype. The union of the tokens' kept channels is walked once.
+torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows,
+                               const c10::optional<torch::Tensor>& bias, int64_t k) {
+  const auto xc = rows_input(x, w_rows);
   const int64_t tokens = xc.size(0), in = xc.size(1), out = w_rows.size(1);
   k = std::max<int64_t>(0, std::min<int64_t>(k, in));
   const float* xp = xc.data_ptr<float>();
@@ -441,13 +447,7 @@ torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_ro
 // 64-column tiles' walk: equal at one token, 0.83-0.84 of its time at 2-4 tokens (SmolLM2's four linears of a
 // layer, 1 thread).
 torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kRowsMaxTokens &&
-                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "x must be [T, in] float32 or bfloat16 with 1 <= T <= 4");
-  TORCH_CHECK(w_rows.dim() == 2 && w_rows.scalar_type() == torch::kBFloat16 && w_rows.is_contiguous() &&
-                  w_rows.size(0) == x.size(1),
-              "w_rows must be [in, out] bfloat16, contiguous, with in = x's columns");
-  const auto xc = x.to(torch::kFloat32).contiguous();
+  const auto xc = rows_input(x, w_rows);
   const int64_t tokens = xc.size(0), in = xc.size(1);
   std::vector<int32_t> rows(static_cast<size_t>(in));
   std::vector<float> coef(static_cast<size_t>(in * tokens));  // coef[j][t] = x[t, j]
