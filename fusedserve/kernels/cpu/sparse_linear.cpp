@@ -316,6 +316,36 @@ torch::Tensor tiles_product(const torch::Tensor& wtile, const torch::TensorOptio
   return y;
 }
 
+// Per-token keep masks [T][in] and the union of kept channels (sorted ascending: rows are read in address order).
+struct KeptUnion {
+  std::vector<uint8_t> keep;
+  std::vector<int32_t> rows;
+};
+KeptUnion kept_union(const float* xp, int64_t tokens, int64_t in, int64_t k) {
+  KeptUnion kept{std::vector<uint8_t>(static_cast<size_t>(tokens * in), 0), {}};
+  std::vector<uint32_t> key(static_cast<size_t>(in));
+  for (int64_t t = 0; t < tokens; ++t) select_topk(xp + t * in, in, k, key, kept.keep.data() + t * in);
+  kept.rows.reserve(static_cast<size_t>(in));
+  for (int64_t i = 0; i < in; ++i) {
+    bool any = false;
+    for (int64_t t = 0; t < tokens && !any; ++t) any = kept.keep[t * in + i] != 0;
+    if (any) kept.rows.push_back(static_cast<int32_t>(i));
+  }
+  return kept;
+}
+
+// Coefficients row-major over the union: coef[j][t] = x[t, rows[j]] if token t kept it, else 0.
+std::vector<float> union_coefficients(const float* xp, const KeptUnion& kept, int64_t tokens, int64_t in) {
+  const int64_t num_rows = static_cast<int64_t>(kept.rows.size());
+  std::vector<float> coef(static_cast<size_t>(num_rows * tokens));
+  for (int64_t j = 0; j < num_rows; ++j)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t n = t * in + kept.rows[j];
+      coef[j * tokens + t] = kept.keep[n] ? xp[n] : 0.0f;
+    }
+  return coef;
+}
+
 // Checks both entries' arguments and returns x as contiguous fp32 [T, in].
 torch::Tensor widened_input(const torch::Tensor& x, const torch::Tensor& wtile) {
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
@@ -345,17 +375,9 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
   k = std::max<int64_t>(0, std::min<int64_t>(k, in));
   const float* xp = xc.data_ptr<float>();
 
-  // Per-token keep masks, then the union of kept channels (sorted ascending: rows are read in address order).
-  std::vector<uint8_t> keep(static_cast<size_t>(tokens * in), 0);
-  std::vector<uint32_t> key(static_cast<size_t>(in));
-  for (int64_t t = 0; t < tokens; ++t) select_topk(xp + t * in, in, k, key, keep.data() + t * in);
-  std::vector<int32_t> rows;
-  rows.reserve(static_cast<size_t>(in));
-  for (int64_t i = 0; i < in; ++i) {
-    bool any = false;
-    for (int64_t t = 0; t < tokens && !any; ++t) any = keep[t * in + i] != 0;
-    if (any) rows.push_back(static_cast<int32_t>(i));
-  }
+  const KeptUnion kept = kept_union(xp, tokens, in, k);
+  const std::vector<uint8_t>& keep = kept.keep;
+  const std::vector<int32_t>& rows = kept.rows;
   const int64_t num_rows = static_cast<int64_t>(rows.size());
 
   if (static_cast<double>(num_rows) > max_union_fraction * static_cast<double>(in)) {
@@ -365,15 +387,7 @@ std::tuple<torch::Tensor, bool> topk_sparse_linear(const torch::Tensor& x, const
     return {masked.to(input_dtype), false};
   }
 
-  // Coefficients row-major over the union: coef[j][t] = x[t, rows[j]] if token t kept it, else 0.
-  std::vector<float> coef(static_cast<size_t>(num_rows * tokens));
-  for (int64_t j = 0; j < num_rows; ++j)
-    for (int64_t t = 0; t < tokens; ++t) {
-      const int64_t n = t * in + rows[j];
-      coef[j * tokens + t] = keep[n] ? xp[n] : 0.0f;
-    }
-
-  auto y = tiles_product(wtile, xc.options(), tokens, rows, coef, bias);
+  auto y = tiles_product(wtile, xc.options(), tokens, rows, union_coefficients(xp, kept, tokens, in), bias);
   return {y.to(input_dtype), true};
 }
 
@@ -422,24 +436,11 @@ torch::Tensor rows_input(const torch::Tensor& x, const torch::Tensor& w_rows) {
 torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows,
                                const c10::optional<torch::Tensor>& bias, int64_t k) {
   const auto xc = rows_input(x, w_rows);
-  const int64_t tokens = xc.size(0), in = xc.size(1), out = w_rows.size(1);
+  const int64_t tokens = xc.size(0), in = xc.size(1);
   k = std::max<int64_t>(0, std::min<int64_t>(k, in));
   const float* xp = xc.data_ptr<float>();
-  std::vector<uint8_t> keep(static_cast<size_t>(tokens * in), 0);
-  std::vector<uint32_t> key(static_cast<size_t>(in));
-  for (int64_t t = 0; t < tokens; ++t) select_topk(xp + t * in, in, k, key, keep.data() + t * in);
-  std::vector<int32_t> rows;
-  std::vector<float> coef;  // [union row][token]: 0 where the token dropped the row
-  rows.reserve(static_cast<size_t>(in));
-  coef.reserve(static_cast<size_t>(in * tokens));
-  for (int64_t i = 0; i < in; ++i) {
-    bool any = false;
-    for (int64_t t = 0; t < tokens; ++t) any = any || keep[t * in + i];
-    if (!any) continue;
-    rows.push_back(static_cast<int32_t>(i));
-    for (int64_t t = 0; t < tokens; ++t) coef.push_back(keep[t * in + i] ? xp[t * in + i] : 0.0f);
-  }
-  return rows_product(xc, w_rows, rows, coef, bias).to(x.scalar_type());
+  const KeptUnion kept = kept_union(xp, tokens, in, k);
+  return rows_product(xc, w_rows, kept.rows, union_coefficients(xp, kept, tokens, in), bias).to(x.scalar_type());
 }
 
 // The dense product y = x @ W^T + b of up to kRowsMaxTokens tokens over the input-major bf16 copy w_rows [in, out]:
