@@ -147,16 +147,26 @@ class TopKSparseLinear:
         # the tiles at one token, 50%. The dense layer's row walk reads the same copy: share it where it keeps one.
         self.weight_rows: torch.Tensor | None = None
         if self._ext is not None:
-            # Tile b holds W^T[:, 64b:64b+64]: each kept input channel is 64 contiguous weights per tile.
-            tiles = self.out_features // CPP_TILE
-            self.weight_tiles = (
-                weight.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).to(tile_dtype).contiguous()
-            )
+            # The tiles serve steps the row walk does not take (more than ROW_WALK_MAX_ROWS tokens, fp32 weights):
+            # built on first use, as a served bf16 model's tables send such steps to the dense path.
+            self._tile_source, self._tile_dtype = weight, tile_dtype
+            self._weight_tiles: torch.Tensor | None = None
             if tile_dtype == torch.bfloat16:
                 shared = getattr(self.dense, "bf16_rows", None)
                 self.weight_rows = shared if shared is not None else weight.t().to(torch.bfloat16).contiguous()
         else:
             self.weight_t = weight.t().contiguous()  # [in, out]: kept channel i is row i
+
+    @property
+    def weight_tiles(self) -> torch.Tensor:
+        """[out / 64, in, 64] in the tile dtype: tile b holds W^T[:, 64b:64b+64], so each kept input channel is 64
+        contiguous weights per tile."""
+        if self._weight_tiles is None:
+            source, tiles = self._tile_source, self.out_features // CPP_TILE
+            self._weight_tiles = (
+                source.t().reshape(self.in_features, tiles, CPP_TILE).permute(1, 0, 2).to(self._tile_dtype).contiguous()
+            )
+        return self._weight_tiles
 
     def union_table(self, threads: int | None = None) -> dict[int, float]:
         """Break-even unions by row count at `threads` torch threads (default: the calling thread's count)."""
