@@ -202,6 +202,8 @@ class TopKSparseLinear:
             if limit is None:
                 return self._dense_path(x)
             if rows <= ROW_WALK_MAX_ROWS and self.weight_rows is not None:
+                # No check of the actual union here: at a full union the walk measured 1.01-1.06x the dense one's
+                # time, so a union above the estimate costs little, and one token's union is its own k exactly.
                 self._count(True)
                 return self._ext.topk_rows_linear(x, self.weight_rows, self.bias, self.k)
             # fp32 or bf16 in, the same dtype out (the kernel widens and rounds itself: no extra torch ops)

@@ -9,6 +9,8 @@
 // when the union is larger than `max_union_fraction` of the inputs it returns the top-k-masked input instead, for
 // the caller's dense linear (same values up to rounding). Work is split over output tiles with at::parallel_for
 // (torch's thread count); accumulation is fp32 for both weight types.
+// Steps of 1-4 tokens over bf16 weights take a second layout instead, input-major rows [in, out], walked by
+// rows_walk (topk_rows_linear for the sparse product over the union of kept rows, rows_linear for the dense one).
 // This file never allocates per-channel weight copies and never reads weight rows of dropped channels.
 
 #include <torch/extension.h>
@@ -207,8 +209,8 @@ void accumulate_tiles(const W* tiles, int64_t in, int64_t out, int64_t tokens, c
   });
 }
 
-// One token over an input-major bf16 copy w [in, out] (row i = W^T[i, :], contiguous): y = sum over the kept rows j
-// of x[j] * w[j, :]. Each kept channel is one run of out * 2 contiguous bytes, so the dropped channels are whole
+// The row walk, over an input-major bf16 copy w [in, out] (row i = W^T[i, :], contiguous): y = sum over the kept
+// rows j of x[j] * w[j, :] (for up to four tokens at once, see rows_walk). Each kept channel is one run of out * 2 contiguous bytes, so the dropped channels are whole
 // runs the walk never touches, where the 64-column tiles interleave kept and dropped 128-byte rows on every page
 // and the hardware prefetchers fetch both. The kept rows are split into kRowStreams equal chunks walked in
 // lockstep (one row of each per step): several ascending streams keep more reads in flight than one. The hardware
