@@ -327,12 +327,18 @@ KeptUnion kept_union(const float* xp, int64_t tokens, int64_t in, int64_t k) {
   KeptUnion kept{std::vector<uint8_t>(static_cast<size_t>(tokens * in), 0), {}};
   std::vector<uint32_t> key(static_cast<size_t>(in));
   for (int64_t t = 0; t < tokens; ++t) select_topk(xp + t * in, in, k, key, kept.keep.data() + t * in);
-  kept.rows.reserve(static_cast<size_t>(in));
+  // Branch-free compaction: which channels a token keeps is close to random, so a branch per channel would
+  // mispredict about half the time (measured: this loop took twice the selection's time with one).
+  kept.rows.resize(static_cast<size_t>(in));
+  int32_t* rows = kept.rows.data();
+  int64_t count = 0;
   for (int64_t i = 0; i < in; ++i) {
-    bool any = false;
-    for (int64_t t = 0; t < tokens && !any; ++t) any = kept.keep[t * in + i] != 0;
-    if (any) kept.rows.push_back(static_cast<int32_t>(i));
+    uint8_t any = 0;
+    for (int64_t t = 0; t < tokens; ++t) any |= kept.keep[t * in + i];
+    rows[count] = static_cast<int32_t>(i);
+    count += any;
   }
+  kept.rows.resize(static_cast<size_t>(count));
   return kept;
 }
 
