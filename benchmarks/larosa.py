@@ -64,9 +64,11 @@ def factory_for(
 
 
 def caches(model: LlamaModel, slots: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V caches in the model's KV dtype (bf16 for the served mixed-precision model, as the engine
+    allocates them; fp32 for the exact quality runs)."""
     arch = model.arch
     shape = (slots, length, arch.num_kv_heads, arch.head_dim)
-    return [torch.zeros(shape) for _ in model.layers], [torch.zeros(shape) for _ in model.layers]
+    return tuple([torch.zeros(shape, dtype=model.kv_dtype) for _ in model.layers] for _ in range(2))
 
 
 @torch.inference_mode()

@@ -115,7 +115,6 @@ def attend(
 
         return attend_cuda(q, key_cache, value_cache, batch, scale)
     num_tokens, num_heads, head_dim = q.shape
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     kernel = load_cpp_extension("decode_attention.cpp") if q.device.type == "cpu" else None
     if kernel is not None and batch.decode_rows.numel() == num_tokens:
         # A pure decode step (token i is sequence i's only new token): no gather and no scatter of rows.
@@ -123,6 +122,7 @@ def attend(
             q.float().contiguous(), key_cache, value_cache, batch.decode_slots, batch.decode_context_lens, scale
         )
         return out.to(q.dtype).reshape(num_tokens, num_heads * head_dim)
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if kernel is not None and batch.decode_rows.numel():
         # All single-token queries in one call: a Python loop of tiny SDPA calls costs ~80 us per sequence.
         rows = batch.decode_rows
