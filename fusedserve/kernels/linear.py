@@ -86,10 +86,12 @@ class ResidualAdapter:
         # h @ A = h @ W^T for W = A^T: A itself is the input-major [in, out] copy the walk reads
         self._bf16_rows = matrix.to(torch.bfloat16).contiguous() if self._walk is not None else None
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """(hidden + delta) @ A: `delta`, the previous block's output not yet in the residual, is added on the way
+        (in the walk's coefficients: no call of its own)."""
         if self._walk is not None and hidden.shape[0] <= ROW_WALK_MAX_ROWS and hidden.dtype == torch.float32:
-            return self._walk.rows_linear(hidden, self._bf16_rows, None)
-        return hidden @ self.matrix
+            return self._walk.rows_linear(hidden, self._bf16_rows, None, delta)
+        return (hidden if delta is None else hidden + delta) @ self.matrix
 
 
 def _row_walk_kernel():

@@ -74,3 +74,28 @@ def test_residual_adapter_rounds_its_weights_to_bf16_only_for_small_steps() -> N
     torch.testing.assert_close(adapter(hidden), hidden @ matrix)  # past ROW_WALK_MAX_ROWS: the exact fp32 product
     exact = ResidualAdapter(matrix, bf16_small_steps=False)
     torch.testing.assert_close(exact(hidden[:1]), hidden[:1] @ matrix)
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, 3, ROW_WALK_MAX_ROWS + 2])
+def test_residual_adapter_adds_the_pending_block_output_first(rows: int) -> None:
+    """adapter(hidden, delta) = (hidden + delta) @ A on both paths, with fp32 and bf16 deltas, and hidden unchanged."""
+    gen = torch.Generator().manual_seed(6)
+    matrix = torch.linalg.qr(torch.randn(128, 128, generator=gen, dtype=torch.float64))[0].float()
+    hidden = torch.randn(rows, 128, generator=gen) * 4
+    before = hidden.clone()
+    walked = rows <= ROW_WALK_MAX_ROWS
+    weights = matrix.bfloat16().double() if walked else matrix.double()
+    adapter = ResidualAdapter(matrix, bf16_small_steps=True)
+    for delta in (torch.randn(rows, 128, generator=gen), torch.randn(rows, 128, generator=gen).bfloat16()):
+        expected = (hidden.double() + delta.double()) @ weights
+        torch.testing.assert_close(adapter(hidden, delta).double(), expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(hidden, before)
+
+
+@needs_cpp
+def test_row_walk_refuses_an_addend_of_another_shape() -> None:
+    walk = load_sparse_linear_extension()
+    w_rows = torch.randn(128, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="addend"):
+        walk.rows_linear(torch.randn(2, 128), w_rows, None, torch.randn(1, 128))

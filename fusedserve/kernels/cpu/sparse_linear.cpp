@@ -451,19 +451,27 @@ torch::Tensor topk_rows_linear(const torch::Tensor& x, const torch::Tensor& w_ro
   return rows_product(xc, w_rows, kept.rows, union_coefficients(xp, kept, tokens, in), bias).to(x.scalar_type());
 }
 
-// The dense product y = x @ W^T + b of up to kRowsMaxTokens tokens over the input-major bf16 copy w_rows [in, out]:
-// the same walk with every row kept (no selection). x [T, in] fp32 or bf16, y [T, out] in x's dtype. Against the
-// 64-column tiles' walk: equal at one token, 0.83-0.84 of its time at 2-4 tokens (SmolLM2's four linears of a
-// layer, 1 thread).
-torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows, const c10::optional<torch::Tensor>& bias) {
+// The dense product y = (x + addend) @ W^T + b of up to kRowsMaxTokens tokens over the input-major bf16 copy w_rows
+// [in, out]: the same walk with every row kept (no selection). x [T, in] fp32 or bf16, y [T, out] in x's dtype;
+// `addend` (optional, x's shape, fp32 or bf16) is summed into the coefficients, so a residual add before a linear
+// (LaRoSA's adapter after an MLP block) costs no call of its own. Against the 64-column tiles' walk: equal at one
+// token, 0.83-0.84 of its time at 2-4 tokens (SmolLM2's four linears of a layer, 1 thread).
+torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows, const c10::optional<torch::Tensor>& bias,
+                          const c10::optional<torch::Tensor>& addend) {
   const auto xc = rows_input(x, w_rows);
   const int64_t tokens = xc.size(0), in = xc.size(1);
+  torch::Tensor ac;
+  if (addend.has_value() && addend->defined()) {
+    TORCH_CHECK(addend->sizes() == x.sizes(), "addend must have x's shape");
+    ac = addend->to(torch::kFloat32).contiguous();
+  }
   std::vector<int32_t> rows(static_cast<size_t>(in));
-  std::vector<float> coef(static_cast<size_t>(in * tokens));  // coef[j][t] = x[t, j]
+  std::vector<float> coef(static_cast<size_t>(in * tokens));  // coef[j][t] = x[t, j] (+ addend[t, j])
   const float* xp = xc.data_ptr<float>();
+  const float* ap = ac.defined() ? ac.data_ptr<float>() : nullptr;
   for (int64_t j = 0; j < in; ++j) {
     rows[j] = static_cast<int32_t>(j);
-    for (int64_t t = 0; t < tokens; ++t) coef[j * tokens + t] = xp[t * in + j];
+    for (int64_t t = 0; t < tokens; ++t) coef[j * tokens + t] = xp[t * in + j] + (ap != nullptr ? ap[t * in + j] : 0.0f);
   }
   return rows_product(xc, w_rows, rows, coef, bias).to(x.scalar_type());
 }
@@ -492,6 +500,7 @@ torch::Tensor topk_mask(const torch::Tensor& x, int64_t k) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_sparse_linear", &topk_sparse_linear, "top-k sparse linear (tiled input-major weights) or the masked input");
   m.def("topk_rows_linear", &topk_rows_linear, "top-k sparse linear of 1-4 tokens over input-major bf16 rows");
-  m.def("rows_linear", &rows_linear, "dense x @ W^T + b of 1-4 tokens over input-major bf16 rows");
+  m.def("rows_linear", &rows_linear, "dense (x + addend) @ W^T + b of 1-4 tokens over input-major bf16 rows",
+        py::arg("x"), py::arg("w_rows"), py::arg("bias"), py::arg("addend") = py::none());
   m.def("topk_mask", &topk_mask, "zero all but the k largest-magnitude entries of each row");
 }
