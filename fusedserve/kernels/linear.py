@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from fusedserve.kernels.norm_rope import rms_norm
+
 # Rows at or above which the bf16 copy wins; measured by benchmarks/decode_dtype.py (docs/results/decode_dtype.json).
 BF16_MIN_ROWS = 1
 # Tokens per call up to which the row walk serves instead of oneDNN (the C++ kernel's limit). Measured per layer of
@@ -92,6 +94,29 @@ class ResidualAdapter:
         if self._walk is not None and hidden.shape[0] <= ROW_WALK_MAX_ROWS and hidden.dtype == torch.float32:
             return self._walk.rows_linear(hidden, self._bf16_rows, None, delta)
         return (hidden if delta is None else hidden + delta) @ self.matrix
+
+    def enter(
+        self,
+        hidden: torch.Tensor,
+        delta: torch.Tensor | None,
+        norm: torch.Tensor | None,
+        eps: float,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta) @ A and its RMSNorm (* norm) in `dtype`: the residual entering a LaRoSA layer and the
+        layer's input, one call on the walk's path (a separate norm costs ~10 us of dispatch at decode sizes)."""
+        if (
+            self._walk is not None
+            and hidden.shape[0] <= ROW_WALK_MAX_ROWS
+            and hidden.dtype == torch.float32
+            and dtype in (torch.float32, torch.bfloat16)
+        ):
+            entered, normed = self._walk.rows_linear_rms_norm(
+                hidden, self._bf16_rows, delta, norm, eps, dtype == torch.bfloat16
+            )
+            return entered, normed
+        entered = self(hidden, delta)
+        return entered, rms_norm(entered, norm, eps, dtype)
 
 
 def _row_walk_kernel():

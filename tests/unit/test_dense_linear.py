@@ -99,3 +99,21 @@ def test_row_walk_refuses_an_addend_of_another_shape() -> None:
     w_rows = torch.randn(128, 64).bfloat16()
     with pytest.raises(RuntimeError, match="addend"):
         walk.rows_linear(torch.randn(2, 128), w_rows, None, torch.randn(1, 128))
+
+
+@needs_cpp
+@pytest.mark.parametrize("rows", [1, ROW_WALK_MAX_ROWS, ROW_WALK_MAX_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_adapter_enter_returns_the_new_residual_and_its_norm(rows: int, dtype: torch.dtype) -> None:
+    """enter() = (hidden + delta) @ A and rms_norm of it (with a scale) in `dtype`, on the fused and the plain path."""
+    from fusedserve.kernels.norm_rope import rms_norm
+
+    gen = torch.Generator().manual_seed(7)
+    matrix = torch.linalg.qr(torch.randn(128, 128, generator=gen, dtype=torch.float64))[0].float()
+    hidden, delta = torch.randn(rows, 128, generator=gen) * 3, torch.randn(rows, 128, generator=gen)
+    scale = torch.rand(128, generator=gen) + 0.5
+    adapter = ResidualAdapter(matrix, bf16_small_steps=True)
+    entered, normed = adapter.enter(hidden, delta, scale, 1e-5, dtype)
+    torch.testing.assert_close(entered, adapter(hidden, delta))
+    assert entered.dtype == torch.float32 and normed.dtype == dtype
+    torch.testing.assert_close(normed, rms_norm(entered, scale, 1e-5, dtype))

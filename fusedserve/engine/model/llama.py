@@ -198,8 +198,7 @@ def enter_layer(
     weight streams of the linears having evicted the dispatcher's code and data from L2. `hidden` (the model's own
     fp32 residual tensor) may be updated in place."""
     if adapter is not None:
-        hidden = adapter(hidden, mlp_out)
-        return hidden, rms_norm(hidden, norm, eps, dtype)
+        return adapter.enter(hidden, mlp_out, norm, eps, dtype)
     if mlp_out is None:
         return hidden, rms_norm(hidden, norm, eps, dtype)
     return hidden, add_rms_norm(hidden, mlp_out, norm, eps, dtype)

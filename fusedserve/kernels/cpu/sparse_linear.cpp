@@ -476,6 +476,40 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w_rows, c
   return rows_product(xc, w_rows, rows, coef, bias).to(x.scalar_type());
 }
 
+// LaRoSA's entry into a layer, for up to kRowsMaxTokens tokens, in one call: hidden' = (x + addend) @ A over A's
+// input-major bf16 rows (rows_linear), returned fp32, and hidden' / rms(hidden') (* norm_weight) in fp32 or bf16,
+// the layer's normalised input. At decode sizes a separate norm call costs ~10 us of dispatch per layer.
+std::tuple<torch::Tensor, torch::Tensor> rows_linear_rms_norm(const torch::Tensor& x, const torch::Tensor& w_rows,
+                                                              const c10::optional<torch::Tensor>& addend,
+                                                              const c10::optional<torch::Tensor>& norm_weight,
+                                                              double eps, bool bf16_out) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "x must be float32: the residual stream");
+  const auto y = rows_linear(x, w_rows, c10::nullopt, addend);
+  const int64_t tokens = y.size(0), d = y.size(1);
+  torch::Tensor wf;
+  if (norm_weight.has_value() && norm_weight->defined()) {
+    TORCH_CHECK(norm_weight->numel() == d, "norm_weight must have one entry per output column");
+    wf = norm_weight->to(torch::kFloat32).contiguous();
+  }
+  const float* wp = wf.defined() ? wf.data_ptr<float>() : nullptr;
+  auto out = torch::empty({tokens, d}, y.options().dtype(bf16_out ? torch::kBFloat16 : torch::kFloat32));
+  const float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* row = yp + t * d;
+    float squares = 0.0f;
+    for (int64_t i = 0; i < d; ++i) squares += row[i] * row[i];
+    const float inverse_rms = 1.0f / std::sqrt(squares / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = row[i] * inverse_rms * (wp != nullptr ? wp[i] : 1.0f);
+      if (bf16_out)
+        out.data_ptr<at::BFloat16>()[t * d + i] = static_cast<at::BFloat16>(v);
+      else
+        out.data_ptr<float>()[t * d + i] = v;
+    }
+  }
+  return {y, out};
+}
+
 // The top-k-masked input: x with all but the k largest-magnitude entries of each row set to zero (any row count).
 torch::Tensor topk_mask(const torch::Tensor& x, int64_t k) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be [T, in] float32");
@@ -502,5 +536,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows_linear", &topk_rows_linear, "top-k sparse linear of 1-4 tokens over input-major bf16 rows");
   m.def("rows_linear", &rows_linear, "dense (x + addend) @ W^T + b of 1-4 tokens over input-major bf16 rows",
         py::arg("x"), py::arg("w_rows"), py::arg("bias"), py::arg("addend") = py::none());
+  m.def("rows_linear_rms_norm", &rows_linear_rms_norm,
+        "(x + addend) @ W^T over input-major bf16 rows and its RMSNorm, for 1-4 tokens (LaRoSA's layer entry)",
+        py::arg("x"), py::arg("w_rows"), py::arg("addend"), py::arg("norm_weight"), py::arg("eps"),
+        py::arg("bf16_out"));
   m.def("topk_mask", &topk_mask, "zero all but the k largest-magnitude entries of each row");
 }
