@@ -285,8 +285,11 @@ def main() -> None:
     larosa_dir = args.larosa or cache_root() / "models" / f"{dense_dir.name}-larosa"
     tokenizer = load_tokenizer(dense_dir)
     paper_dir = larosa_dir.with_name(larosa_dir.name + "-paper")
-    for folder, recipe in ((larosa_dir, {}), (paper_dir, PAPER_RECIPE)):
-        if not (folder / "model.safetensors").exists() and not args.reuse_quality:
+    # The speed runs need the LaRoSA folder even when the quality results are reused; the paper-recipe folder only
+    # serves the quality runs.
+    needed = [(larosa_dir, {})] + ([] if args.reuse_quality else [(paper_dir, PAPER_RECIPE)])
+    for folder, recipe in needed:
+        if not (folder / "model.safetensors").exists():
             print(f"calibrating {folder} ...", flush=True)
             calibration = corpus_windows(None, tokenizer, "train", 1024, 32768)
             config = CalibrationConfig(sparsity=0.4, **recipe)

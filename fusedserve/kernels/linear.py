@@ -5,8 +5,9 @@ multiply runs on AMX and is several times faster than fp32 once there are enough
 matrix-vector product is slower than fp32, but a decode step streams its weights from memory, where bf16's half
 the bytes wins: measured over whole decode steps, bf16 is faster from batch 1 (x1.1-1.2) and about x2 at batch 4,
 where fp32 sgemm is at its worst. BF16_MIN_ROWS keeps the switch point a measured constant. A bf16 input
-always uses the bf16 copy and returns bf16: the model hands its blocks' inputs over in bf16 already (one cast
-per block instead of a cast in and out of every linear). Sparse layers (LaRoSA)
+uses the bf16 copy and returns bf16: the model hands its blocks' inputs over in bf16 already (one cast
+per block instead of a cast in and out of every linear). A host without AMX is the exception: there large calls
+multiply the fp32 weights (FP32_GEMM_MIN_ROWS_WITHOUT_AMX), still bf16 in and out. Sparse layers (LaRoSA)
 implement the same interface.
 Up to ROW_WALK_MAX_ROWS tokens (small decode batches) do not go to oneDNN: the bf16 weights are also kept
 input-major, [in, out], and streamed row by row by the project's own kernel (kernels/cpu/sparse_linear.cpp,
@@ -18,6 +19,7 @@ for LaRoSA's sparse path, which walks the same rows, skipping the dropped ones.
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -35,6 +37,11 @@ ROW_WALK_WIDTH = 64  # the row walk takes layers whose output width is a multipl
 # The bf16 copy is stored pre-packed in oneDNN's blocked layout for this batch size: F.linear re-packs a plain
 # weight on every call, which measured 25-35% of a decode step's linear time at 32 rows (same results).
 PACKED_FOR_ROWS = 32
+# Without AMX (a CPU without amx_bf16, or a kernel or hypervisor that does not grant the tile state) oneDNN runs the
+# bf16 product on AVX-512 and loses to fp32 sgemm once a call has enough rows (SmolLM2's shapes, 1 thread, packed
+# bf16 / fp32 time: 8 rows 0.55-1.2, 16 rows 0.9-1.2, 32 rows 1.0-1.5, 130 rows 1.5-1.6, 512 rows 1.5-1.9). From
+# this many rows such a host multiplies the fp32 weights instead (the input cast up, the output back).
+FP32_GEMM_MIN_ROWS_WITHOUT_AMX = 32
 
 
 class Linear(Protocol):
@@ -60,10 +67,14 @@ class DenseLinear:
         self.bf16_rows = self.weight.t().to(torch.bfloat16).contiguous() if self._walk is not None else None
         # Rows from which this layer computes in bf16; None: it always computes in its weights' dtype.
         self.bf16_min_rows: int | None = (bf16_min_rows or 0) if use_copy else None
+        # Rows from which the fp32 weights serve even a bf16 input: never where AMX runs the bf16 product.
+        self._fp32_gemm_min_rows = FP32_GEMM_MIN_ROWS_WITHOUT_AMX if use_copy and not amx_available() else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._walk is not None and x.shape[0] <= ROW_WALK_MAX_ROWS:
             return self._walk.rows_linear(x, self.bf16_rows, self.bias)  # bf16 weights, fp32 sums, x's dtype
+        if self._fp32_gemm_min_rows is not None and x.shape[0] >= self._fp32_gemm_min_rows:
+            return F.linear(x.float(), self.weight, self.bias).to(x.dtype)
         if self._bf16_weight is not None:
             if x.dtype == torch.bfloat16:
                 return _bf16_linear(x, self._bf16_weight, self._bf16_bias)
@@ -124,6 +135,19 @@ def _row_walk_kernel():
     from fusedserve.kernels.cpu.extensions import load_cpp_extension
 
     return load_cpp_extension("sparse_linear.cpp")
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether this process may run AMX tile instructions (what makes oneDNN's bf16 products fast on a CPU)."""
+    request = getattr(torch._C._cpu, "_init_amx", None)  # asks the kernel for the tile state, as oneDNN does
+    if request is not None:
+        return bool(request())
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
+    except OSError:
+        return False
 
 
 def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:

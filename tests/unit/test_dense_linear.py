@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import pytest
 import torch
+from adaptivocab_helpers import write_tiny_model
 
-from fusedserve.kernels.linear import ROW_WALK_MAX_ROWS, DenseLinear, ResidualAdapter
+import fusedserve.engine.model.llama as llama_module
+import fusedserve.kernels.linear as linear_module
+from fusedserve.engine.model.llama import LlamaModel
+from fusedserve.engine.model.loader import dense_linear_factory, load_llama, mixed_precision_linear_factory
+from fusedserve.kernels.attention import SlotBatch
+from fusedserve.kernels.linear import FP32_GEMM_MIN_ROWS_WITHOUT_AMX, ROW_WALK_MAX_ROWS, DenseLinear, ResidualAdapter
 from fusedserve.kernels.sparse_linear import load_sparse_linear_extension
 
 ThreadsAt = Callable[[int], AbstractContextManager[None]]  # the torch_threads fixture (tests/conftest.py)
@@ -117,3 +124,54 @@ def test_residual_adapter_enter_returns_the_new_residual_and_its_norm(rows: int,
     torch.testing.assert_close(entered, adapter(hidden, delta))
     assert entered.dtype == torch.float32 and normed.dtype == dtype
     torch.testing.assert_close(normed, rms_norm(entered, scale, 1e-5, dtype))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_large_calls_multiply_fp32_weights_only_on_hosts_without_amx(
+    amx: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without AMX a call of FP32_GEMM_MIN_ROWS_WITHOUT_AMX rows or more is the exact fp32 product (bf16 in, bf16
+    out); with AMX it is oneDNN's bf16 product, which rounds the weights."""
+    monkeypatch.setattr(linear_module, "amx_available", lambda: amx)
+    weight, bias = weights()
+    layer = DenseLinear(weight, bias)
+    x = torch.randn(FP32_GEMM_MIN_ROWS_WITHOUT_AMX, 160)
+    fp32 = x @ weight.T + bias
+    error = (layer(x) - fp32).abs().max().item()
+    assert error < 1e-3 if not amx else error > 1e-2  # outputs reach ~50: bf16 weights move them by ~0.1
+    got = layer(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    if not amx:
+        torch.testing.assert_close(got, (x.bfloat16().float() @ weight.T + bias).bfloat16(), rtol=2**-8, atol=0)
+    # Below the threshold both hosts keep the bf16 copy (half the bytes: it won there without AMX too).
+    small = x[: FP32_GEMM_MIN_ROWS_WITHOUT_AMX - 1]
+    assert (layer(small) - fp32[: len(small)]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_model_without_amx_computes_large_steps_in_fp32(
+    amx: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mixed-precision model keeps bf16 blocks for small steps everywhere; without AMX its large steps (prefill
+    chunks, big batches) run in fp32, closer to the exact model, over the same bf16 KV cache."""
+    monkeypatch.setattr(linear_module, "amx_available", lambda: amx)
+    monkeypatch.setattr(llama_module, "amx_available", lambda: amx)
+    folder = write_tiny_model(tmp_path / "model")
+    mixed = load_llama(folder, make_linear=mixed_precision_linear_factory)
+    assert mixed.kv_dtype == torch.bfloat16 and mixed.compute_dtype(1) == torch.bfloat16
+    large = FP32_GEMM_MIN_ROWS_WITHOUT_AMX
+    assert mixed.compute_dtype(large) == (torch.bfloat16 if amx else torch.float32)
+    assert mixed.compute_dtype(large - 1) == torch.bfloat16
+    ids = torch.arange(large) % mixed.arch.vocab_size
+    exact = load_llama(folder, make_linear=dense_linear_factory)
+    expected = prefill_logits(exact, ids)
+    error = (prefill_logits(mixed, ids) - expected).abs().max().item()
+    assert error < (0.05 if amx else 0.01) * expected.abs().max().item()
+
+
+def prefill_logits(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of one prefill step of `ids` over fresh caches in the model's KV dtype."""
+    arch, n = model.arch, ids.shape[0]
+    keys = [torch.zeros(1, n, arch.num_kv_heads, arch.head_dim, dtype=model.kv_dtype) for _ in model.layers]
+    values = [torch.zeros_like(k) for k in keys]
+    return model.compute_logits(model.forward(ids, SlotBatch.build([0], [n], [n]), keys, values))
