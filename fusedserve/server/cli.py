@@ -50,8 +50,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default=None,
-        help="default auto: on the CPU fp32 weights with bf16 (AMX) compute and a bf16 KV cache; "
-        "on CUDA bfloat16. float32 is exact fp32 everywhere",
+        help="default auto: on the CPU fp32 weights with bf16 compute (fp32 for large steps without AMX) and a "
+        "bf16 KV cache; on CUDA bfloat16. float32 is exact fp32 everywhere",
     )
     model.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when torch sees a GPU"
