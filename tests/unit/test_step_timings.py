@@ -25,7 +25,23 @@ def test_after_probing_the_faster_path_serves_and_the_other_is_reprobed_now_and_
     after_probes = chosen[2 * StepTimings.PROBES :]
     assert sum(after_probes) > 0.9 * len(after_probes), "the twin was faster, so it serves"
     reprobes = [i for i, twin in enumerate(chosen) if not twin and i >= 2 * StepTimings.PROBES]
-    assert reprobes and all(i % StepTimings.REPROBE_EVERY == StepTimings.REPROBE_EVERY - 1 for i in reprobes)
+    periodic = [i for i in range(200) if i % StepTimings.REPROBE_EVERY == StepTimings.REPROBE_EVERY - 1]
+    assert reprobes == sorted(set(StepTimings.EARLY_REPROBES) | set(periodic))
+
+
+def test_probes_spoiled_by_a_burst_of_load_are_outvoted_early() -> None:
+    """The twin's three probes all land in a slow spell: the sparse path serves until an early re-probe of the
+    twin measures it as it is, long before the first periodic re-probe."""
+    timings = StepTimings()
+    chosen = []
+    for step in range(2 * StepTimings.PROBES + 40):
+        twin = timings.prefers_twin(1, 2)
+        spoiled = step < 2 * StepTimings.PROBES
+        timings.record(1, 2, twin, (0.040 if spoiled else 0.020) if twin else 0.030)
+        chosen.append(twin)
+    assert not any(chosen[2 * StepTimings.PROBES : StepTimings.EARLY_REPROBES[0]]), "the spoiled probes chose sparse"
+    sparse_after = [i for i, twin in enumerate(chosen) if not twin and i >= StepTimings.EARLY_REPROBES[0]]
+    assert sparse_after == list(StepTimings.EARLY_REPROBES[1:]), "from the first early re-probe on, the twin serves"
 
 
 def test_a_change_of_speed_is_noticed_at_the_reprobes() -> None:
