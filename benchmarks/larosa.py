@@ -38,6 +38,7 @@ from fusedserve.engine.model.llama import LlamaModel
 from fusedserve.engine.model.loader import LinearFactory, dense_linear_factory, load_llama
 from fusedserve.engine.tokenizer import load_tokenizer
 from fusedserve.kernels.attention import SlotBatch
+from fusedserve.kernels.linear import amx_available
 from fusedserve.kernels.sparse_linear import TopKSparseLinear, topk_mask
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -52,6 +53,15 @@ METHODS = {
 }
 # the paper's recipe: one PCA of the attention input per layer, o_proj's input unrotated
 PAPER_RECIPE = {"mlp_covariance_weight": 0.0, "rotate_values": False}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("unknown" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def factory_for(
@@ -353,6 +363,8 @@ def main() -> None:
             "rounds": args.rounds,
             "corpus": "python3.11-doc held-out split",
             "torch": torch.__version__,
+            "cpu": cpu_model(),
+            "amx": amx_available(),  # hosts differ between sessions; bf16 products of 5+ rows depend on it
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
