@@ -98,7 +98,7 @@ def test_next_token_loss_matches_transformers_loss(adapted: dict) -> None:
     batch = torch.randint(0, model.config.vocab_size, (2, 24))
     ours = next_token_loss(model, batch, bf16=False)
     theirs = model(input_ids=batch, labels=batch).loss
-    assert math.isclose(float(ours), float(theirs), rel_tol=1e-5)
+    assert math.isclose(ours.item(), theirs.item(), rel_tol=1e-5)
     grads = torch.autograd.grad(ours, model.lm_head.weight)[0]
     reference = torch.autograd.grad(model(input_ids=batch, labels=batch).loss, model.lm_head.weight)[0]
     torch.testing.assert_close(grads, reference, rtol=1e-4, atol=1e-7)
