@@ -290,6 +290,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.reuse_quality and args.reuse_speed:
         parser.error("--reuse-quality and --reuse-speed together measure nothing")
+    if not args.reuse_speed and not {1, 4, 16} <= {int(b) for b in args.batches.split(",")}:
+        parser.error("--batches must include 1, 4 and 16: the summary reports them")
 
     dense_dir = args.model or ensure_default_model()
     larosa_dir = args.larosa or cache_root() / "models" / f"{dense_dir.name}-larosa"
