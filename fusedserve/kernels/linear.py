@@ -38,10 +38,12 @@ ROW_WALK_WIDTH = 64  # the row walk takes layers whose output width is a multipl
 # weight on every call, which measured 25-35% of a decode step's linear time at 32 rows (same results).
 PACKED_FOR_ROWS = 32
 # Without AMX (a CPU without amx_bf16, or a kernel or hypervisor that does not grant the tile state) oneDNN runs the
-# bf16 product on AVX-512 and loses to fp32 sgemm once a call has enough rows (SmolLM2's shapes, 1 thread, packed
-# bf16 / fp32 time: 8 rows 0.55-1.2, 16 rows 0.9-1.2, 32 rows 1.0-1.5, 130 rows 1.5-1.6, 512 rows 1.5-1.9). From
-# this many rows such a host multiplies the fp32 weights instead (the input cast up, the output back).
-FP32_GEMM_MIN_ROWS_WITHOUT_AMX = 32
+# bf16 product on AVX-512 and loses to fp32 sgemm once a call has enough rows (SmolLM2's shapes, 1 thread, weights
+# in cache, packed bf16 / fp32 time: 8 rows 0.55-1.2, 32 rows 1.0-1.5, 130 rows 1.5-1.6, 512 rows 1.5-1.9). Whole
+# decode steps (weights from memory, where bf16 reads half the bytes) put the switch later: fp32 / bf16 step time
+# 2.1x at 8 rows, 1.04 at 32, 1.00 at 40, 0.89-0.94 at 48, 0.87 at 64 (1 and 2 threads). From this many rows such a
+# host multiplies the fp32 weights instead (the input cast up, the output back).
+FP32_GEMM_MIN_ROWS_WITHOUT_AMX = 40
 
 
 class Linear(Protocol):
