@@ -69,13 +69,14 @@ class DenseLinear:
         self.bf16_rows = self.weight.t().to(torch.bfloat16).contiguous() if self._walk is not None else None
         # Rows from which this layer computes in bf16; None: it always computes in its weights' dtype.
         self.bf16_min_rows: int | None = (bf16_min_rows or 0) if use_copy else None
-        # Rows from which the fp32 weights serve even a bf16 input: never where AMX runs the bf16 product.
-        self._fp32_gemm_min_rows = FP32_GEMM_MIN_ROWS_WITHOUT_AMX if use_copy and not amx_available() else None
+        # Rows from which the fp32 weights serve even a bf16 input: never where AMX runs the bf16 product. The model
+        # reads it too: such steps then run all their blocks in fp32.
+        self.fp32_min_rows: int | None = FP32_GEMM_MIN_ROWS_WITHOUT_AMX if use_copy and not amx_available() else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._walk is not None and x.shape[0] <= ROW_WALK_MAX_ROWS:
             return self._walk.rows_linear(x, self.bf16_rows, self.bias)  # bf16 weights, fp32 sums, x's dtype
-        if self._fp32_gemm_min_rows is not None and x.shape[0] >= self._fp32_gemm_min_rows:
+        if self.fp32_min_rows is not None and x.shape[0] >= self.fp32_min_rows:
             return F.linear(x.float(), self.weight, self.bias).to(x.dtype)
         if self._bf16_weight is not None:
             if x.dtype == torch.bfloat16:

@@ -136,6 +136,7 @@ class TopKSparseLinear:
         # steps, see model/llama.py): the dense path's own threshold. The sparse kernels read fp32, so the
         # sparse path converts the few rows it takes (at most SPARSE_MAX_ROWS) and returns the input's dtype.
         self.bf16_min_rows: int | None = getattr(self.dense, "bf16_min_rows", None)
+        self.fp32_min_rows: int | None = getattr(self.dense, "fp32_min_rows", None)  # likewise, hosts without AMX
         self.backend, self._ext = resolve_backend(backend, weight)
         self.stats = SparseLinearStats()
         self._union_table = union_table  # None: MAX_UNION_FRACTION_CPP at the calling thread's thread count

@@ -10,7 +10,6 @@ import pytest
 import torch
 from adaptivocab_helpers import write_tiny_model
 
-import fusedserve.engine.model.llama as llama_module
 import fusedserve.kernels.linear as linear_module
 from fusedserve.engine.model.llama import LlamaModel
 from fusedserve.engine.model.loader import dense_linear_factory, load_llama, mixed_precision_linear_factory
@@ -155,7 +154,6 @@ def test_model_without_amx_computes_large_steps_in_fp32(
     """A mixed-precision model keeps bf16 blocks for small steps everywhere; without AMX its large steps (prefill
     chunks, big batches) run in fp32, closer to the exact model, over the same bf16 KV cache."""
     monkeypatch.setattr(linear_module, "amx_available", lambda: amx)
-    monkeypatch.setattr(llama_module, "amx_available", lambda: amx)
     folder = write_tiny_model(tmp_path / "model")
     mixed = load_llama(folder, make_linear=mixed_precision_linear_factory)
     assert mixed.kv_dtype == torch.bfloat16 and mixed.compute_dtype(1) == torch.bfloat16

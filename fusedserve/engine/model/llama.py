@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fusedserve.engine.model.arch import LlamaArch
 from fusedserve.engine.model.rope import RotaryEmbedding
 from fusedserve.kernels.attention import SlotBatch, attend, rope_and_store_kv
-from fusedserve.kernels.linear import FP32_GEMM_MIN_ROWS_WITHOUT_AMX, Linear, ResidualAdapter, amx_available
+from fusedserve.kernels.linear import Linear, ResidualAdapter
 from fusedserve.kernels.norm_rope import add_rms_norm, rms_norm, silu_mul
 from fusedserve.kernels.sparse_linear import at_thread_count
 
@@ -109,13 +109,13 @@ class LlamaModel:
         self.lm_head = lm_head
         self.rope = RotaryEmbedding(arch, max_positions, embed_tokens.dtype, embed_tokens.device)
         self.scale = arch.head_dim**-0.5
-        self._bf16_from_rows = _shared_bf16_threshold(layers)
+        self._bf16_from_rows = _shared_threshold(layers, "bf16_min_rows")
         # The KV cache's dtype, for whoever allocates it: bf16 for a mixed-precision model (see the module doc).
         self.kv_dtype = torch.bfloat16 if self._bf16_from_rows is not None else embed_tokens.dtype
-        # Without AMX, bf16 products and attention of large steps lose to fp32 (kernels/linear.py): those steps
-        # compute in the weights' fp32 (130-token prefills, 1 thread: TTFT 410 -> 270 ms), the KV cache stays bf16.
-        no_amx = self._bf16_from_rows is not None and self.dtype == torch.float32 and not amx_available()
-        self._fp32_from_rows = FP32_GEMM_MIN_ROWS_WITHOUT_AMX if no_amx else None
+        # Without AMX, bf16 products and attention of large steps lose to fp32 (kernels/linear.py): steps the linears
+        # multiply in fp32 run all their blocks in fp32 (130-token prefills, 1 thread: TTFT 410 -> 270 ms), the KV
+        # cache staying bf16.
+        self._fp32_from_rows = _shared_threshold(layers, "fp32_min_rows") if self._bf16_from_rows is not None else None
         self.dense_twin: DenseTwin | None = None
         # A mixed-precision model rounds its adapters' weights to bf16 for small steps, like its linears'.
         mixed = self._bf16_from_rows is not None
@@ -215,15 +215,16 @@ def enter_layer(
     return hidden, add_rms_norm(hidden, mlp_out, norm, eps, dtype)
 
 
-def _shared_bf16_threshold(layers: list[DecoderLayer]) -> int | None:
-    """The row count from which every linear computes in bf16, or None where any linear never does (or they differ).
+def _shared_threshold(layers: list[DecoderLayer], name: str) -> int | None:
+    """The row count `name` (bf16_min_rows: from which a linear computes in bf16; fp32_min_rows: from which it
+    computes in fp32 after all) common to every linear, or None where any linear has none (or they differ).
 
-    LaRoSA's sparse layers report their dense path's threshold, so a LaRoSA model computes like the dense one.
+    LaRoSA's sparse layers report their dense path's thresholds, so a LaRoSA model computes like the dense one.
     """
     linears = [
         linear for layer in layers for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
     ]
-    thresholds = {getattr(linear, "bf16_min_rows", None) for linear in linears}
+    thresholds = {getattr(linear, name, None) for linear in linears}
     if len(thresholds) != 1:
         return None
     return thresholds.pop()
